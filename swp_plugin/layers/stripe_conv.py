@@ -1,0 +1,274 @@
+"""``StripeConv2d``: a convolution that stores and computes only the kept stripes of its filters.
+
+A stripe is the 1x1 slice ``W[o, :, i, j]`` of filter ``o`` at kernel position ``(i, j)``. A stripe layer
+keeps ``S`` of the ``out * kh * kw`` stripes of a dense ``nn.Conv2d``:
+
+* ``weight``: ``(S, C_in)``, the kept stripes, sorted by kernel position, then by output channel;
+* ``stripe_out``: ``(S,)`` int64, the output channel of each stripe;
+* ``stripe_pos``: ``(S,)`` int64, its kernel position ``i * kw + j``;
+* ``bias``: ``(out,)`` or ``None``.
+
+Forward (``backend='stripe'``): for each kernel position ``p = (i, j)`` that has stripes, a 1x1 convolution
+of the strided, shifted input window with the stripes of ``p`` (one GEMM per position), accumulated into
+their output channels. Its MACs are ``S * C_in * H_out * W_out``. ``backend='dense'`` instead scatters the
+stripes into a dense kernel and calls ``F.conv2d`` (same result; faster when few stripes are pruned).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+from torch.nn.modules.utils import _pair
+
+from .padding import PaddingSpec, dynamic_same_padding, static_padding
+
+#: Conv classes whose padding is TensorFlow-like 'SAME', computed from the input size at each forward.
+DYNAMIC_SAME_CONVS: Tuple[type, ...] = (Conv2dSame, Conv2dSameExport)
+
+BACKENDS = ("stripe", "dense")
+
+
+def _refresh_after_load(module: "StripeConv2d", incompatible_keys) -> None:
+    module._refresh()
+
+
+class StripeConv2d(nn.Module):
+    """2-D convolution over kept stripes (stripe-wise pruned ``nn.Conv2d``, groups == 1).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
+            ``nn.Conv2d`` (``padding`` may be ``'same'`` / ``'valid'``).
+        num_stripes: number of kept stripes ``S``.
+        same_dynamic: pad like timm's ``Conv2dSame`` (TF 'SAME', depends on the input size).
+        backend: ``'stripe'`` (default) or ``'dense'``.
+
+    Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding: PaddingSpec | int = 0,
+        dilation=1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        num_stripes: int = 0,
+        same_dynamic: bool = False,
+        backend: str = "stripe",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.dilation = _pair(dilation)
+        self.padding_mode = padding_mode
+        self.same_dynamic = same_dynamic
+        self.backend = backend
+        self.weight = nn.Parameter(torch.zeros(num_stripes, in_channels, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
+        self.register_buffer("stripe_out", torch.zeros(num_stripes, dtype=torch.long, device=device))
+        self.register_buffer("stripe_pos", torch.zeros(num_stripes, dtype=torch.long, device=device))
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+        self._refresh()
+
+    # ------------------------------------------------------------------ construction / conversion
+    @classmethod
+    def from_dense(
+        cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None, backend: str = "stripe"
+    ) -> "StripeConv2d":
+        """Build from a dense conv, keeping the stripes where ``mask`` (``(out, kh, kw)`` bool) is True.
+
+        Without ``mask`` the stripes that have a nonzero weight are kept (exact by construction).
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_dense expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(
+                f"StripeConv2d supports groups=1 only; this conv has groups={conv.groups}. "
+                "Grouped and depthwise convs stay dense (their dead stripes are zeroed)."
+            )
+        weight = conv.weight.detach()
+        out, _, kh, kw = weight.shape
+        if mask is None:
+            mask = weight.ne(0).any(dim=1)
+        if mask.shape != (out, kh, kw):
+            raise ValueError(f"mask must have shape {(out, kh, kw)} (out, kh, kw), got {tuple(mask.shape)}")
+        layer = cls(
+            conv.in_channels,
+            out,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            num_stripes=0,
+            same_dynamic=isinstance(conv, DYNAMIC_SAME_CONVS),
+            backend=backend,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        o, i, j = mask.to(weight.device).nonzero(as_tuple=True)
+        pos = i * kw + j
+        order = torch.argsort(pos * out + o)
+        o, i, j, pos = o[order], i[order], j[order], pos[order]
+        layer.weight = nn.Parameter(weight[o, :, i, j].clone())
+        layer.stripe_out = o
+        layer.stripe_pos = pos
+        if conv.bias is not None:
+            layer.bias.data.copy_(conv.bias.detach())
+        layer._refresh()
+        return layer
+
+    def to_dense(self) -> nn.Conv2d:
+        """The equivalent dense conv (pruned stripes as zeros): ``nn.Conv2d`` or timm ``Conv2dSame``."""
+        cls = Conv2dSame if self.same_dynamic else nn.Conv2d
+        padding = 0 if self.same_dynamic else self.padding
+        conv = cls(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=padding,
+            dilation=self.dilation,
+            bias=self.bias is not None,
+            **({} if self.same_dynamic else {"padding_mode": self.padding_mode}),
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def num_stripes(self) -> int:
+        """Number of kept stripes ``S``."""
+        return self.weight.shape[0]
+
+    def stripe_mask(self) -> torch.Tensor:
+        """Kept stripes as a dense bool mask of shape ``(out, kh, kw)``."""
+        kh, kw = self.kernel_size
+        mask = torch.zeros(self.out_channels * kh * kw, dtype=torch.bool, device=self.weight.device)
+        mask[self.stripe_out * kh * kw + self.stripe_pos] = True
+        return mask.view(self.out_channels, kh, kw)
+
+    def dense_weight(self) -> torch.Tensor:
+        """Dense kernel ``(out, C_in, kh, kw)`` with pruned stripes as zeros (differentiable)."""
+        kh, kw = self.kernel_size
+        flat = self.weight.new_zeros(self.out_channels * kh * kw, self.in_channels)
+        flat = flat.index_copy(0, self.stripe_out * kh * kw + self.stripe_pos, self.weight)
+        return flat.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+
+    def select_stripes(self, keep: torch.Tensor) -> None:
+        """Keep only the stripes where ``keep`` (``(S,)`` bool) is True. Order stays sorted."""
+        keep = keep.to(self.weight.device)
+        grad = self.weight.grad[keep] if self.weight.grad is not None else None
+        self._set_weight(self.weight.data[keep], grad)
+        self.stripe_out = self.stripe_out[keep]
+        self.stripe_pos = self.stripe_pos[keep]
+        self._refresh()
+
+    def remove_out_channels(self, idxs) -> None:
+        """Remove output channels ``idxs`` with their stripes and bias entries."""
+        dead = torch.zeros(self.out_channels, dtype=torch.bool, device=self.weight.device)
+        dead[torch.as_tensor(list(idxs), dtype=torch.long, device=dead.device)] = True
+        new_index = torch.cumsum(~dead, 0) - 1
+        keep = ~dead[self.stripe_out]
+        grad = self.weight.grad[keep] if self.weight.grad is not None else None
+        self._set_weight(self.weight.data[keep], grad)
+        self.stripe_out = new_index[self.stripe_out[keep]]
+        self.stripe_pos = self.stripe_pos[keep]
+        if self.bias is not None:
+            bias_grad = self.bias.grad[~dead] if self.bias.grad is not None else None
+            self.bias = nn.Parameter(self.bias.data[~dead])
+            self.bias.grad = bias_grad
+        self.out_channels = int((~dead).sum())
+        self._refresh()
+
+    def remove_in_channels(self, idxs) -> None:
+        """Remove input channels ``idxs`` (columns of every stripe)."""
+        keep = torch.ones(self.in_channels, dtype=torch.bool, device=self.weight.device)
+        keep[torch.as_tensor(list(idxs), dtype=torch.long, device=keep.device)] = False
+        grad = self.weight.grad[:, keep] if self.weight.grad is not None else None
+        self._set_weight(self.weight.data[:, keep], grad)
+        self.in_channels = int(keep.sum())
+
+    def _set_weight(self, data: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+        self.weight = nn.Parameter(data.contiguous())
+        if grad is not None:
+            self.weight.grad = grad.contiguous()
+
+    def _refresh(self) -> None:
+        """Recompute the per-position stripe counts (Python ints: the forward loop is static)."""
+        kh, kw = self.kernel_size
+        counts = torch.bincount(self.stripe_pos.cpu(), minlength=kh * kw)
+        self._position_counts = [int(c) for c in counts[: kh * kw]]
+
+    # ------------------------------------------------------------------ forward
+    def _padding_ltrb(self, x: torch.Tensor) -> Tuple[int, int, int, int]:
+        if self.same_dynamic:
+            return dynamic_same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
+        return static_padding(self.padding, self.kernel_size, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self._padding_ltrb(x)
+        if any(pad):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x = F.pad(x, pad, mode=mode)
+        if self.backend == "dense":
+            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, 0, self.dilation)
+        return self._stripe_forward(x)
+
+    def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        height, width = x.shape[-2:]
+        out_h = (height - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
+        weight = self.weight  # read once: it may be parametrized (a Filter Skeleton in a second round)
+        start = 0
+        for pos, count in enumerate(self._position_counts):
+            if count == 0:
+                continue
+            i, j = divmod(pos, kw)
+            window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
+            partial = F.conv2d(window, weight[start : start + count, :, None, None])
+            out = out.index_add(1, self.stripe_out[start : start + count], partial)
+            start += count
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def extra_repr(self) -> str:
+        s = (
+            f"Strip({self.in_channels}, {self.num_stripes}), out_channels={self.out_channels}, "
+            f"kernel_size={self.kernel_size}, stride={self.stride}"
+        )
+        if self.same_dynamic:
+            s += ", padding=same_dynamic"
+        elif self.padding not in ((0, 0), "valid"):
+            s += f", padding={self.padding}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        if self.bias is None:
+            s += ", bias=False"
+        return s + f", backend={self.backend}"

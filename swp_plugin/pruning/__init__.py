@@ -1,0 +1,8 @@
+"""Orchestration on torch-pruning: the pruner, the importance, the pruning function of StripeConv2d."""
+
+from .channels import plan_channel_removal
+from .functions import StripeConvPruningFunc, customized_pruners
+from .importance import StripeImportance
+from .pruner import StripePruner
+
+__all__ = ["StripeConvPruningFunc", "StripeImportance", "StripePruner", "customized_pruners", "plan_channel_removal"]

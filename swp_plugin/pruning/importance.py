@@ -1,0 +1,78 @@
+"""``StripeImportance``: channel importance from Filter Skeletons, for torch-pruning's channel pruners."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch.nn.utils import parametrize
+
+from ..layers.stripe_conv import StripeConv2d
+from ..skeleton.parametrizations import FilterSkeleton
+
+
+def _attached_skeleton(layer: nn.Module) -> Optional[torch.Tensor]:
+    if parametrize.is_parametrized(layer, "weight"):
+        for p in layer.parametrizations["weight"]:
+            if isinstance(p, FilterSkeleton):
+                return p.skeleton * p.alive
+    return None
+
+
+def filter_scores(layer: nn.Module, skeleton: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """Per output channel ``sum |FS|^p`` over the filter's stripes: ``(out,)``."""
+    values = skeleton.detach().abs().float().pow(p)
+    if isinstance(layer, StripeConv2d):
+        return torch.zeros(layer.out_channels, device=values.device).index_add_(0, layer.stripe_out, values)
+    return values.flatten(1).sum(dim=1)
+
+
+class StripeImportance(tp.importance.GroupMagnitudeImportance):
+    """Scores the channels of a torch-pruning group by the Filter Skeletons of the convs producing them.
+
+    The score of a channel is ``sum |FS|^p`` over the stripes of its filter, reduced over the group's
+    convs with ``group_reduction`` (torch-pruning's reductions). Skeletons are read from the convs'
+    parametrizations while attached, else from ``skeletons`` (``StripePruner.skeletons``: qualified conv
+    name -> FS), so the scores survive :func:`swp_plugin.detach_skeletons`. A group without any skeleton
+    gets ``None`` (torch-pruning then leaves it alone).
+
+    Example::
+
+        imp = StripeImportance(pruner.skeletons)
+        swp_plugin.detach_skeletons(model)            # FS merged into the weights
+        tp.pruner.BasePruner(model, x, importance=imp, pruning_ratio=0.3, global_pruning=True).step()
+    """
+
+    def __init__(
+        self,
+        skeletons: Optional[Mapping[str, torch.Tensor]] = None,
+        p: int = 1,
+        group_reduction: str = "mean",
+        normalizer: Optional[str] = None,
+    ) -> None:
+        super().__init__(p=p, group_reduction=group_reduction, normalizer=normalizer)
+        self.skeletons = skeletons
+
+    def _skeleton_of(self, layer: nn.Module, group) -> Optional[torch.Tensor]:
+        fs = _attached_skeleton(layer)
+        if fs is None and self.skeletons is not None:
+            fs = self.skeletons.get(group._DG._module2name.get(layer, ""))
+        return fs
+
+    @torch.no_grad()
+    def __call__(self, group) -> Optional[torch.Tensor]:
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            if not group._DG.is_out_channel_pruning_fn(dep.handler):
+                continue
+            fs = self._skeleton_of(dep.layer, group)
+            if fs is None:
+                continue
+            scores = filter_scores(dep.layer, fs, self.p)
+            group_imp.append(scores[torch.as_tensor(list(idxs), dtype=torch.long, device=scores.device)])
+            group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)

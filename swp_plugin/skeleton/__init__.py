@@ -1,0 +1,26 @@
+"""Training-time Filter Skeletons: parametrizations and their attachment to a model."""
+
+from .attach import (
+    EXCLUDED_CONVS,
+    MASK_SAFE_CONVS,
+    SKELETON_LAYOUTS,
+    attach_channel_mask,
+    attach_skeletons,
+    detach_skeletons,
+    filter_alive,
+    ineligibility_reason,
+)
+from .parametrizations import ChannelMask, FilterSkeleton
+
+__all__ = [
+    "EXCLUDED_CONVS",
+    "MASK_SAFE_CONVS",
+    "SKELETON_LAYOUTS",
+    "ChannelMask",
+    "FilterSkeleton",
+    "attach_channel_mask",
+    "attach_skeletons",
+    "detach_skeletons",
+    "filter_alive",
+    "ineligibility_reason",
+]

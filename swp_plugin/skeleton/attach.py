@@ -1,0 +1,167 @@
+"""Attaching Filter Skeletons to a model's convolutions, and taking them off again.
+
+Which layers get a Filter Skeleton (FS):
+
+* ``nn.Conv2d`` and its mask-safe subclasses (timm ``Conv2dSame``), any kernel shape; for a 1x1 conv the
+  FS is one gate per filter. Grouped and depthwise convs get one too (a depthwise stripe is one weight):
+  it lets whole filters die so their channels can be removed, but their surviving stripes stay in a
+  dense kernel (no stripe kernel speeds up a grouped conv).
+* :class:`~swp_plugin.layers.StripeConv2d` (a second round of stripe pruning): one FS value per kept stripe.
+* Not: convs that transform their weight in forward (timm ``StdConv2d``/``ScaledStdConv2d``: weight
+  standardisation would turn a masked stripe back into a nonzero one). Unknown ``nn.Conv2d`` subclasses
+  that override ``forward`` are probed: they get an FS only if their output is linear in the weight.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+from torch.nn.utils import parametrize
+
+from ..layers.stripe_conv import StripeConv2d
+from .parametrizations import ChannelMask, FilterSkeleton
+
+#: Conv classes left dense, with the reason shown to the user.
+EXCLUDED_CONVS: Dict[type, str] = {
+    cls: "weight standardisation in forward would undo the stripe mask; left dense"
+    for cls in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+}
+
+#: nn.Conv2d subclasses known to use their weight like nn.Conv2d (only the padding differs).
+MASK_SAFE_CONVS: Tuple[type, ...] = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
+
+
+def _conv_skeleton_shape(conv: nn.Conv2d) -> Tuple[int, ...]:
+    return (conv.out_channels, *conv.kernel_size)
+
+
+def _conv_filter_alive(conv: nn.Conv2d, stripes: torch.Tensor) -> torch.Tensor:
+    return stripes.flatten(1).any(dim=1)
+
+
+def _stripe_skeleton_shape(layer: StripeConv2d) -> Tuple[int, ...]:
+    return (layer.num_stripes,)
+
+
+def _stripe_filter_alive(layer: StripeConv2d, stripes: torch.Tensor) -> torch.Tensor:
+    counts = torch.zeros(layer.out_channels, device=stripes.device).index_add_(0, layer.stripe_out, stripes.float())
+    return counts > 0
+
+
+#: layer type -> (FS shape, filter-alive reduction of a stripe mask). Checked with isinstance, in order.
+SKELETON_LAYOUTS: Dict[type, Tuple[Callable, Callable]] = {
+    StripeConv2d: (_stripe_skeleton_shape, _stripe_filter_alive),
+    nn.Conv2d: (_conv_skeleton_shape, _conv_filter_alive),
+}
+
+
+def _layout(module: nn.Module) -> Optional[Tuple[Callable, Callable]]:
+    for cls, layout in SKELETON_LAYOUTS.items():
+        if isinstance(module, cls):
+            return layout
+    return None
+
+
+def filter_alive(module: nn.Module, stripes: torch.Tensor) -> torch.Tensor:
+    """Reduce a stripe mask of ``module`` (FS-shaped) to a per-output-channel bool ``(out,)``."""
+    return _layout(module)[1](module, stripes)
+
+
+@torch.no_grad()
+def _output_is_linear_in_weight(conv: nn.Conv2d) -> bool:
+    """Probe: y(W*m) + y(W*(1-m)) - y(0) == y(W) for a random stripe mask m."""
+    gen = torch.Generator().manual_seed(0)
+    extent = max(d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation))
+    size = extent + 2 * max(conv.stride) + 3
+    x = torch.randn(2, conv.in_channels, size, size, generator=gen).to(conv.weight)
+    w = conv.weight.detach().clone()
+    m = (torch.rand(w.shape[0], 1, *w.shape[2:], generator=gen) > 0.5).to(w)
+    outputs = []
+    try:
+        for weight in (w * m, w * (1 - m), torch.zeros_like(w), w):
+            conv.weight.copy_(weight)
+            outputs.append(conv(x))
+    finally:
+        conv.weight.copy_(w)
+    ya, yb, y0, y = outputs
+    return torch.allclose(ya + yb - y0, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-6)
+
+
+def ineligibility_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module`` gets no Filter Skeleton, or ``None`` if it gets one."""
+    if _layout(module) is None:
+        return "not a 2-D convolution"
+    if parametrize.is_parametrized(module, "weight"):
+        return "its weight is already parametrized"
+    for cls, reason in EXCLUDED_CONVS.items():
+        if isinstance(module, cls):
+            return reason
+    if isinstance(module, nn.Conv2d) and type(module) not in MASK_SAFE_CONVS:
+        if type(module).forward is not nn.Conv2d.forward and not _output_is_linear_in_weight(module):
+            return "its forward is not linear in its weight (the stripe mask would not hold); left dense"
+    return None
+
+
+def attach_skeletons(
+    model: nn.Module, ignored: Iterable[nn.Module] = ()
+) -> Tuple[Dict[str, FilterSkeleton], Dict[str, str]]:
+    """Attach a :class:`FilterSkeleton` (init 1) to every eligible conv of ``model`` not in ``ignored``.
+
+    Returns ``(skeletons, skipped)``: qualified conv name -> FS parametrization module, and qualified
+    name -> reason for each conv left without one.
+    """
+    ignored_ids = {id(m) for m in ignored}
+    skeletons: Dict[str, FilterSkeleton] = {}
+    skipped: Dict[str, str] = {}
+    seen = set()
+    for name, module in model.named_modules():
+        if _layout(module) is None or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if id(module) in ignored_ids:
+            skipped[name] = "in ignored_layers"
+            continue
+        reason = ineligibility_reason(module)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        weight = module.weight
+        fs = FilterSkeleton(_layout(module)[0](module), device=weight.device, dtype=weight.dtype)
+        parametrize.register_parametrization(module, "weight", fs)
+        skeletons[name] = fs
+    return skeletons, skipped
+
+
+def attach_channel_mask(module: nn.Module, tensor_name: str) -> ChannelMask:
+    """Register a :class:`ChannelMask` on the 1-D parameter ``module.<tensor_name>`` and return it."""
+    tensor = getattr(module, tensor_name)
+    mask = ChannelMask(tensor.shape[0], device=tensor.device)
+    parametrize.register_parametrization(module, tensor_name, mask)
+    return mask
+
+
+def detach_skeletons(model: nn.Module, merge: bool = True) -> int:
+    """Remove every Filter Skeleton and channel mask of swp_plugin from ``model``.
+
+    ``merge=True`` bakes them into the weights (``W <- W * FS * alive``, masked norm params); ``merge=False``
+    restores the original tensors, as if no skeleton had been attached. Returns the number of tensors freed.
+    """
+    ours = (FilterSkeleton, ChannelMask)
+    count = 0
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name in list(module.parametrizations.keys()):
+            if all(isinstance(p, ours) for p in module.parametrizations[tensor_name]):
+                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=merge)
+                count += 1
+    return count
+
+
+def parametrized_original(module: nn.Module, tensor_name: str) -> nn.Parameter:
+    """The trainable tensor behind a parametrized ``module.<tensor_name>``."""
+    return module.parametrizations[tensor_name].original
