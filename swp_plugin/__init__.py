@@ -5,7 +5,7 @@
 
 from .layers import StripeConv2d
 from .measure import count_ops_and_params
-from .pruning import StripeConvPruningFunc, StripeImportance, StripePruner, customized_pruners
+from .pruning import StripeConvPruningFunc, StripeImportance, StripePruner, customized_pruners, torch_pruning_kwargs
 from .skeleton import ChannelMask, FilterSkeleton, attach_skeletons, detach_skeletons
 
 __version__ = "0.1.0"
@@ -21,4 +21,5 @@ __all__ = [
     "count_ops_and_params",
     "customized_pruners",
     "detach_skeletons",
+    "torch_pruning_kwargs",
 ]

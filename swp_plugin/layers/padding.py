@@ -23,7 +23,7 @@ def static_padding(
         return (0, 0, 0, 0)
     if padding == "same":
         pads = []
-        for k, d in zip(reversed(kernel_size), reversed(dilation)):  # width first, like F.pad
+        for k, d in zip(reversed(kernel_size), reversed(dilation), strict=False):  # width first, like F.pad
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
         return tuple(pads)  # type: ignore[return-value]

@@ -16,7 +16,7 @@ stripes into a dense kernel and calls ``F.conv2d`` (same result; faster when few
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ DYNAMIC_SAME_CONVS: Tuple[type, ...] = (Conv2dSame, Conv2dSameExport)
 BACKENDS = ("stripe", "dense")
 
 
-def _refresh_after_load(module: "StripeConv2d", incompatible_keys) -> None:
+def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
     module._refresh()
 
 
@@ -88,8 +88,8 @@ class StripeConv2d(nn.Module):
     # ------------------------------------------------------------------ construction / conversion
     @classmethod
     def from_dense(
-        cls, conv: nn.Conv2d, mask: Optional[torch.Tensor] = None, backend: str = "stripe"
-    ) -> "StripeConv2d":
+        cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: str = "stripe"
+    ) -> StripeConv2d:
         """Build from a dense conv, keeping the stripes where ``mask`` (``(out, kh, kw)`` bool) is True.
 
         Without ``mask`` the stripes that have a nonzero weight are kept (exact by construction).
@@ -210,7 +210,7 @@ class StripeConv2d(nn.Module):
         self._set_weight(self.weight.data[:, keep], grad)
         self.in_channels = int(keep.sum())
 
-    def _set_weight(self, data: torch.Tensor, grad: Optional[torch.Tensor]) -> None:
+    def _set_weight(self, data: torch.Tensor, grad: torch.Tensor | None) -> None:
         self.weight = nn.Parameter(data.contiguous())
         if grad is not None:
             self.weight.grad = grad.contiguous()

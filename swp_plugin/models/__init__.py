@@ -4,7 +4,7 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from .cifar import CifarResNet, VGG, resnet20, resnet56, vgg16_bn
+from .cifar import VGG, CifarResNet, resnet20, resnet56, vgg16_bn
 
 #: name -> constructor of the networks shipped here (timm models are reached through timm's registry).
 MODELS: Dict[str, Callable[..., nn.Module]] = {"vgg16_bn": vgg16_bn, "resnet56": resnet56, "resnet20": resnet20}

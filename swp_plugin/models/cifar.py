@@ -41,7 +41,8 @@ class VGG(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             else:
                 out = max(1, int(round(v * width)))
-                layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+                conv = nn.Conv2d(channels, out, 3, padding=1, bias=False)
+                layers += [conv, nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
                 channels = out
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

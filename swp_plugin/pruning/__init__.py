@@ -1,8 +1,9 @@
 """Orchestration on torch-pruning: the pruner, the importance, the pruning function of StripeConv2d."""
 
 from .channels import plan_channel_removal
-from .functions import StripeConvPruningFunc, customized_pruners
+from .functions import StripeConvPruningFunc, customized_pruners, torch_pruning_kwargs
 from .importance import StripeImportance
 from .pruner import StripePruner
 
-__all__ = ["StripeConvPruningFunc", "StripeImportance", "StripePruner", "customized_pruners", "plan_channel_removal"]
+__all__ = ["StripeConvPruningFunc", "StripeImportance", "StripePruner", "customized_pruners", "plan_channel_removal",
+           "torch_pruning_kwargs"]

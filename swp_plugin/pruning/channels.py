@@ -16,7 +16,7 @@ producers stays unless all of them are dead.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,11 @@ _CONSUMER_HANDLERS = (
     tp.prune_depthwise_conv_out_channels,  # in == out for depthwise: it reads the channel
     STRIPE_CONV_PRUNER.prune_in_channels,
 )
-_PER_CHANNEL_HANDLERS = (tp.prune_batchnorm_out_channels, tp.prune_prelu_out_channels, tp.prune_instancenorm_out_channels)
+_PER_CHANNEL_HANDLERS = (
+    tp.prune_batchnorm_out_channels,
+    tp.prune_prelu_out_channels,
+    tp.prune_instancenorm_out_channels,
+)
 _PASS_THROUGH_TYPES = {
     ops.OPTYPE.ELEMENTWISE,
     ops.OPTYPE.CONCAT,
@@ -121,7 +125,7 @@ def run_model(model: nn.Module, inputs):
     return model(inputs)
 
 
-def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Optional[Set[int]]:
+def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Set[int] | None:
     """Root indices of ``group`` whose channel can go (see module doc); ``None`` if the group is blocked."""
     roots: Set[int] = set()
     failing: Set[int] = set()
@@ -131,12 +135,12 @@ def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Optiona
         roots.update(root_idxs)
         if handler in _PRODUCER_HANDLERS:
             dead = dead_outputs(module)
-            failing.update(r for idx, r in zip(idxs, root_idxs) if not bool(dead[idx]))
+            failing.update(r for idx, r in zip(idxs, root_idxs, strict=False) if not bool(dead[idx]))
         elif handler in _CONSUMER_HANDLERS:
             if module not in input_amax:
                 return None
             values = input_amax[module]
-            failing.update(r for idx, r in zip(idxs, root_idxs) if float(values[idx]) != 0.0)
+            failing.update(r for idx, r in zip(idxs, root_idxs, strict=False) if float(values[idx]) != 0.0)
         elif handler in _PER_CHANNEL_HANDLERS or dep.target.type in _PASS_THROUGH_TYPES:
             continue
         else:

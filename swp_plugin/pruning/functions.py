@@ -40,3 +40,17 @@ STRIPE_CONV_PRUNER = StripeConvPruningFunc()
 def customized_pruners() -> Dict[type, tp.pruner.BasePruningFunc]:
     """``{StripeConv2d: pruning function}`` for torch-pruning's ``customized_pruners`` argument."""
     return {StripeConv2d: STRIPE_CONV_PRUNER}
+
+
+def torch_pruning_kwargs() -> Dict[str, object]:
+    """Options that let any torch-pruning pruner work on a stripe-pruned model::
+
+        tp.pruner.BNScalePruner(model, x, importance=..., **swp_plugin.torch_pruning_kwargs())
+
+    ``customized_pruners`` registers the pruning function of ``StripeConv2d``; ``root_module_types`` adds
+    ``StripeConv2d`` to torch-pruning's default roots (convs, linears, LSTMs) so its groups are found.
+    """
+    return {
+        "customized_pruners": customized_pruners(),
+        "root_module_types": [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM, StripeConv2d],
+    }

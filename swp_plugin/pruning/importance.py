@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Mapping
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ from ..layers.stripe_conv import StripeConv2d
 from ..skeleton.parametrizations import FilterSkeleton
 
 
-def _attached_skeleton(layer: nn.Module) -> Optional[torch.Tensor]:
+def _attached_skeleton(layer: nn.Module) -> torch.Tensor | None:
     if parametrize.is_parametrized(layer, "weight"):
         for p in layer.parametrizations["weight"]:
             if isinstance(p, FilterSkeleton):
@@ -47,22 +47,22 @@ class StripeImportance(tp.importance.GroupMagnitudeImportance):
 
     def __init__(
         self,
-        skeletons: Optional[Mapping[str, torch.Tensor]] = None,
+        skeletons: Mapping[str, torch.Tensor] | None = None,
         p: int = 1,
         group_reduction: str = "mean",
-        normalizer: Optional[str] = None,
+        normalizer: str | None = None,
     ) -> None:
         super().__init__(p=p, group_reduction=group_reduction, normalizer=normalizer)
         self.skeletons = skeletons
 
-    def _skeleton_of(self, layer: nn.Module, group) -> Optional[torch.Tensor]:
+    def _skeleton_of(self, layer: nn.Module, group) -> torch.Tensor | None:
         fs = _attached_skeleton(layer)
         if fs is None and self.skeletons is not None:
             fs = self.skeletons.get(group._DG._module2name.get(layer, ""))
         return fs
 
     @torch.no_grad()
-    def __call__(self, group) -> Optional[torch.Tensor]:
+    def __call__(self, group) -> torch.Tensor | None:
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             if not group._DG.is_out_channel_pruning_fn(dep.handler):

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from ..layers.stripe_conv import StripeConv2d
-from ..skeleton import attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
-from ..skeleton.parametrizations import ChannelMask, FilterSkeleton
+from ..skeleton import MASK_SAFE_CONVS, attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
+from ..skeleton.attach import probe_input
+from ..skeleton.parametrizations import ChannelMask
 from .channels import fed_norms, plan_channel_removal, record_input_amax, run_model
-from .functions import customized_pruners
+from .functions import customized_pruners, torch_pruning_kwargs
 from .importance import StripeImportance
 
 _TRACE_OPTIONS = ("forward_fn", "output_transform", "unwrapped_parameters")
@@ -92,8 +93,8 @@ class StripePruner(tp.pruner.BasePruner):
         example_inputs,
         sr: float = 1e-5,
         threshold: float = 0.05,
-        ignored_layers: Optional[Sequence[nn.Module]] = None,
-        importance: Optional[tp.importance.Importance] = None,
+        ignored_layers: Sequence[nn.Module] | None = None,
+        importance: tp.importance.Importance | None = None,
         verify: bool = True,
         tolerance: float = 1e-4,
         **kwargs,
@@ -113,6 +114,7 @@ class StripePruner(tp.pruner.BasePruner):
         self._trace_options = {k: kwargs.get(k) for k in _TRACE_OPTIONS}
         self._customized_pruners = {**customized_pruners(), **(kwargs.pop("customized_pruners", None) or {})}
         kwargs.setdefault("pruning_ratio", 0.0)  # channels are chosen by the skeletons, not by a ratio
+        kwargs.setdefault("root_module_types", torch_pruning_kwargs()["root_module_types"])
         super().__init__(
             model,
             example_inputs,
@@ -151,7 +153,7 @@ class StripePruner(tp.pruner.BasePruner):
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
-    def regularize(self, model: Optional[nn.Module] = None, reg: Optional[float] = None) -> None:
+    def regularize(self, model: nn.Module | None = None, reg: float | None = None) -> None:
         """The reference training step; call after ``loss.backward()``, before ``optimizer.step()``.
 
         Adds ``reg * sign(FS)`` (default ``sr``) to every skeleton's gradient, kills stripes with
@@ -200,7 +202,7 @@ class StripePruner(tp.pruner.BasePruner):
         self._stepped = True
 
     # ------------------------------------------------------------------ pruning
-    def step(self, interactive: bool = False) -> Optional[Iterator[tp.Group]]:
+    def step(self, interactive: bool = False) -> Iterator[tp.Group] | None:
         """Merge the skeletons into the weights, remove dead channels, convert convs to ``StripeConv2d``.
 
         With ``interactive=True`` returns a generator of the channel-removal groups (call
@@ -248,12 +250,15 @@ class StripePruner(tp.pruner.BasePruner):
         for name, layer in self._layers.items():
             if isinstance(layer, StripeConv2d):
                 layer.select_stripes(layer.weight.detach().ne(0).any(dim=1))
-            elif layer.groups == 1:
-                stripe = StripeConv2d.from_dense(layer)
-                _replace_module(self.model, layer, stripe)
-                self._layers[name] = stripe
-            else:
+            elif layer.groups != 1:
                 self.notes.append(f"{name}: grouped conv (groups={layer.groups}) kept dense, dead stripes zeroed")
+            else:
+                stripe = StripeConv2d.from_dense(layer)
+                if _same_function(layer, stripe):
+                    _replace_module(self.model, layer, stripe)
+                    self._layers[name] = stripe
+                else:
+                    self.notes.append(f"{name}: {type(layer).__name__} forward differs from a plain conv; kept dense")
 
     def _build_graph(self) -> tp.DependencyGraph:
         return tp.DependencyGraph().build_dependency(
@@ -266,9 +271,9 @@ class StripePruner(tp.pruner.BasePruner):
 
     @torch.no_grad()
     def _check_exact(self, reference: List[List[torch.Tensor]], probes: List) -> None:
-        for ref, probe in zip(reference, probes):
+        for ref, probe in zip(reference, probes, strict=False):
             out = _flat_outputs(run_model(self.model, probe))
-            for r, o in zip(ref, out):
+            for r, o in zip(ref, out, strict=False):
                 if r.shape != o.shape:
                     raise RuntimeError(f"step() changed an output shape from {tuple(r.shape)} to {tuple(o.shape)}")
                 scale = float(r.abs().max()) or 1.0
@@ -309,6 +314,15 @@ class StripePruner(tp.pruner.BasePruner):
             ) from err
         finally:
             model.train(was_training)
+
+
+@torch.no_grad()
+def _same_function(conv: nn.Conv2d, stripe: StripeConv2d) -> bool:
+    """True for the conv classes known to be plain convolutions, else checked on a probe input."""
+    if type(conv) in MASK_SAFE_CONVS:
+        return True
+    x = probe_input(conv)
+    return torch.allclose(stripe(x), conv(x), rtol=1e-4, atol=1e-5)
 
 
 def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:

@@ -14,7 +14,7 @@ Which layers get a Filter Skeleton (FS):
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional, Tuple
+from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,7 @@ SKELETON_LAYOUTS: Dict[type, Tuple[Callable, Callable]] = {
 }
 
 
-def _layout(module: nn.Module) -> Optional[Tuple[Callable, Callable]]:
+def _layout(module: nn.Module) -> Tuple[Callable, Callable] | None:
     for cls, layout in SKELETON_LAYOUTS.items():
         if isinstance(module, cls):
             return layout
@@ -71,18 +71,24 @@ def filter_alive(module: nn.Module, stripes: torch.Tensor) -> torch.Tensor:
     return _layout(module)[1](module, stripes)
 
 
+def probe_input(conv: nn.Conv2d, batch: int = 2) -> torch.Tensor:
+    """A small seeded random input that every kernel position of ``conv`` sees."""
+    gen = torch.Generator().manual_seed(0)
+    extent = max(d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation, strict=False))
+    size = extent + 2 * max(conv.stride) + 3
+    return torch.randn(batch, conv.in_channels, size, size, generator=gen).to(conv.weight)
+
+
 @torch.no_grad()
 def _output_is_linear_in_weight(conv: nn.Conv2d) -> bool:
-    """Probe: y(W*m) + y(W*(1-m)) - y(0) == y(W) for a random stripe mask m."""
-    gen = torch.Generator().manual_seed(0)
-    extent = max(d * (k - 1) + 1 for k, d in zip(conv.kernel_size, conv.dilation))
-    size = extent + 2 * max(conv.stride) + 3
-    x = torch.randn(2, conv.in_channels, size, size, generator=gen).to(conv.weight)
+    """Probe: y(W*a) + y(W*b) - y(0) == y(W*(a+b)) for random per-stripe scales a, b (the FS's role)."""
+    gen = torch.Generator().manual_seed(1)
+    x = probe_input(conv)
     w = conv.weight.detach().clone()
-    m = (torch.rand(w.shape[0], 1, *w.shape[2:], generator=gen) > 0.5).to(w)
+    a, b = (torch.rand(w.shape[0], 1, *w.shape[2:], generator=gen).to(w) for _ in range(2))
     outputs = []
     try:
-        for weight in (w * m, w * (1 - m), torch.zeros_like(w), w):
+        for weight in (w * a, w * b, torch.zeros_like(w), w * (a + b)):
             conv.weight.copy_(weight)
             outputs.append(conv(x))
     finally:
@@ -91,7 +97,7 @@ def _output_is_linear_in_weight(conv: nn.Conv2d) -> bool:
     return torch.allclose(ya + yb - y0, y, rtol=1e-4, atol=1e-5 * float(y.abs().max()) + 1e-6)
 
 
-def ineligibility_reason(module: nn.Module) -> Optional[str]:
+def ineligibility_reason(module: nn.Module) -> str | None:
     """Why ``module`` gets no Filter Skeleton, or ``None`` if it gets one."""
     if _layout(module) is None:
         return "not a 2-D convolution"

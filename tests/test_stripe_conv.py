@@ -1,0 +1,163 @@
+"""StripeConv2d against dense convolution with masked weights: forward, backward, conversions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
+
+from swp_plugin import StripeConv2d
+from swp_plugin.layers.stripe_conv import BACKENDS
+
+CASES = [
+    # in, out, kernel, stride, padding, dilation, bias, padding_mode, size
+    (8, 16, 3, 1, 1, 1, False, "zeros", (9, 9)),
+    (8, 16, 3, 2, 1, 1, True, "zeros", (11, 10)),
+    (5, 7, (3, 5), (2, 1), (1, 2), 1, True, "zeros", (13, 9)),
+    (6, 6, 3, 1, 2, 2, False, "zeros", (10, 10)),
+    (4, 9, 1, 1, 0, 1, True, "zeros", (7, 7)),
+    (4, 9, 1, 2, 0, 1, False, "zeros", (7, 8)),
+    (3, 8, 7, 2, 3, 1, False, "zeros", (17, 17)),
+    (4, 5, 3, 1, "same", 1, True, "zeros", (8, 9)),
+    (4, 5, 4, 1, "same", 1, False, "zeros", (8, 9)),
+    (4, 5, 3, 1, "valid", 1, False, "zeros", (8, 9)),
+    (4, 6, 3, 1, 1, 1, True, "reflect", (8, 8)),
+    (4, 6, 3, 2, 1, 1, False, "replicate", (9, 8)),
+    (4, 6, 3, 1, 1, 1, False, "circular", (8, 8)),
+]
+
+
+def _masked_conv(args, mask_p: float = 0.5) -> tuple[nn.Conv2d, torch.Tensor]:
+    cin, cout, k, s, p, d, bias, mode, _ = args
+    conv = nn.Conv2d(cin, cout, k, stride=s, padding=p, dilation=d, bias=bias, padding_mode=mode)
+    kh, kw = conv.kernel_size
+    mask = torch.rand(cout, kh, kw) > mask_p
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    return conv, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("args", CASES, ids=lambda a: "-".join(map(str, a[:8])))
+def test_forward_and_backward_match_masked_dense(args, backend):
+    conv, mask = _masked_conv(args)
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend)
+    assert layer.num_stripes == int(mask.sum())
+    x = torch.randn(2, args[0], *args[-1], requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y_dense, y_stripe = conv(x), layer(x2)
+    torch.testing.assert_close(y_stripe, y_dense, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y_dense)
+    y_dense.backward(g)
+    y_stripe.backward(g)
+    torch.testing.assert_close(x2.grad, x.grad, rtol=1e-5, atol=1e-5)
+    kh, kw = conv.kernel_size
+    dense_grad = conv.weight.grad.permute(0, 2, 3, 1)[layer.stripe_out, layer.stripe_pos // kw, layer.stripe_pos % kw]
+    torch.testing.assert_close(layer.weight.grad, dense_grad, rtol=1e-5, atol=1e-5)
+    if conv.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, conv.bias.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 12)])
+def test_timm_dynamic_same_padding(size):
+    conv = Conv2dSame(4, 6, 3, stride=2, bias=True)
+    layer = StripeConv2d.from_dense(conv)
+    assert layer.same_dynamic
+    x = torch.randn(1, 4, *size)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(layer.to_dense(), Conv2dSame)
+
+
+def test_batch_one_empty_positions_and_filter_without_stripes():
+    conv = nn.Conv2d(6, 5, 3, padding=1, bias=True)
+    mask = torch.zeros(5, 3, 3, dtype=torch.bool)
+    mask[0, 1, 1] = mask[1, 0, 2] = mask[3, :, 0] = True  # filters 2 and 4 have no stripe, most positions empty
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    layer = StripeConv2d.from_dense(conv, mask)
+    x = torch.randn(1, 6, 5, 7)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    y = layer(x)
+    torch.testing.assert_close(y[0, 2], conv.bias[2].expand(5, 7).detach())
+
+
+def test_no_stripes_at_all_outputs_bias():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = StripeConv2d.from_dense(conv, torch.zeros(4, 3, 3, dtype=torch.bool))
+    y = layer(torch.randn(2, 3, 6, 6))
+    torch.testing.assert_close(y, conv.bias.detach().view(1, 4, 1, 1).expand(2, 4, 6, 6))
+
+
+def test_from_dense_keeps_nonzero_stripes_by_default_and_to_dense_round_trips():
+    conv, mask = _masked_conv(CASES[1])
+    layer = StripeConv2d.from_dense(conv)
+    assert torch.equal(layer.stripe_mask(), conv.weight.ne(0).any(1))
+    dense = layer.to_dense()
+    torch.testing.assert_close(dense.weight, conv.weight)
+    torch.testing.assert_close(dense.bias, conv.bias)
+    x = torch.randn(2, 8, 11, 10)
+    torch.testing.assert_close(dense(x), conv(x))
+
+
+def test_stripes_sorted_by_position_then_channel():
+    conv, _ = _masked_conv(CASES[0])
+    layer = StripeConv2d.from_dense(conv)
+    key = layer.stripe_pos * layer.out_channels + layer.stripe_out
+    assert torch.all(key[1:] > key[:-1])
+
+
+def test_remove_channels_matches_dense_slicing():
+    conv, _ = _masked_conv(CASES[1])
+    layer = StripeConv2d.from_dense(conv)
+    layer.remove_out_channels([0, 5, 15])
+    layer.remove_in_channels([2, 3])
+    keep_out = [i for i in range(16) if i not in (0, 5, 15)]
+    keep_in = [i for i in range(8) if i not in (2, 3)]
+    ref = nn.Conv2d(6, 13, 3, stride=2, padding=1)
+    with torch.no_grad():
+        ref.weight.copy_(conv.weight[keep_out][:, keep_in])
+        ref.bias.copy_(conv.bias[keep_out])
+    x = torch.randn(2, 6, 11, 10)
+    assert (layer.in_channels, layer.out_channels) == (6, 13)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_extra_repr_shows_strip_and_backend():
+    conv, mask = _masked_conv(CASES[0])
+    text = repr(StripeConv2d.from_dense(conv, mask))
+    assert f"Strip(8, {int(mask.sum())})" in text and "backend=stripe" in text
+
+
+def test_state_dict_round_trip_refreshes_positions():
+    conv, mask = _masked_conv(CASES[0])
+    src = StripeConv2d.from_dense(conv, mask)
+    dst = StripeConv2d(8, 16, 3, padding=1, bias=False, num_stripes=src.num_stripes)
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(1, 8, 9, 9)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="groups=1"):
+        StripeConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=4))
+    with pytest.raises(ValueError, match="mask must have shape"):
+        StripeConv2d.from_dense(nn.Conv2d(4, 4, 3), torch.ones(4, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="backend"):
+        StripeConv2d(4, 4, 3, backend="cuda-magic")
+
+
+def test_jit_trace_matches_eager():
+    conv, mask = _masked_conv(CASES[1])
+    layer = StripeConv2d.from_dense(conv, mask).eval()
+    x = torch.randn(1, 8, 11, 10)
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
+def test_matches_functional_conv_on_odd_sizes():
+    conv = nn.Conv2d(3, 4, (2, 3), stride=(3, 2), padding=(0, 1), bias=False)
+    layer = StripeConv2d.from_dense(conv)
+    x = torch.randn(3, 3, 7, 5)
+    torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight, None, (3, 2), (0, 1)), rtol=1e-5, atol=1e-5)
