@@ -56,6 +56,19 @@ def regularized_step(model: nn.Module, pruner, x: torch.Tensor, num_classes: int
     optimizer.step()
 
 
+def outputs_around_step(model: nn.Module, pruner, x: torch.Tensor, features: bool = False):
+    """Calibrate BatchNorm, then eval-mode outputs (and ``forward_features``) before and after ``pruner.step()``."""
+    calibrate_bn(model, x)
+
+    def outputs():
+        with torch.no_grad():
+            return (model(x), model.forward_features(x)) if features else (model(x),)
+
+    before = outputs()
+    pruner.step()
+    return before, outputs()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|a|."""
     return float((a - b).abs().max() / a.abs().max())

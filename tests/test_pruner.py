@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from conftest import calibrate_bn, randomize_skeletons, regularized_step, rel_err
+from conftest import calibrate_bn, outputs_around_step, randomize_skeletons, regularized_step, rel_err
 
 from swp_plugin import StripeConv2d, StripePruner
 from swp_plugin.models import resnet56, vgg16_bn
@@ -31,12 +31,7 @@ def _bn_channels(model):
 def test_exact_with_half_the_stripes_dead(name):
     model, x, pruner = _build(name)
     randomize_skeletons(pruner, dead_stripes=0.5)
-    calibrate_bn(model, x)
-    with torch.no_grad():
-        y0, f0 = model(x), model.forward_features(x)
-    pruner.step()
-    with torch.no_grad():
-        y1, f1 = model(x), model.forward_features(x)
+    (y0, f0), (y1, f1) = outputs_around_step(model, pruner, x, features=True)
     assert rel_err(y0, y1) <= 1e-4 and rel_err(f0, f1) <= 1e-4
     convs = [m for m in model.modules() if isinstance(m, StripeConv2d)]
     assert len(convs) == len(pruner.skeletons)
@@ -51,12 +46,7 @@ def test_dead_filters_are_removed_and_model_stays_exact(name):
     inner = [m for n, m in model.named_modules() if n.endswith("bn1") or n.startswith("features")]
     channels_before = _bn_channels(nn.ModuleList(inner))
     regularized_step(model, pruner, x)
-    calibrate_bn(model, x)
-    with torch.no_grad():
-        y0 = model(x)
-    pruner.step()
-    with torch.no_grad():
-        y1 = model(x)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
     assert rel_err(y0, y1) <= 1e-4
     assert _bn_channels(nn.ModuleList(inner)) < 0.85 * channels_before  # BN features really dropped
     if name == "resnet56":  # residual channels stay unless every producer of them is dead
@@ -167,3 +157,23 @@ def test_call_order_errors():
     pruner.step()
     with pytest.raises(RuntimeError, match="already merged"):
         pruner.step()
+
+
+def test_regularize_under_autocast_with_grad_scaler():
+    model, x, pruner = _build("resnet56")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with torch.no_grad():
+        pruner.skeletons["layers.0.conv1"][0] = 0.0
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nn.functional.cross_entropy(model(x), torch.arange(8) % 10)
+    optimizer.zero_grad()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # documented: unscale before regularize
+    pruner.regularize(model)
+    scaler.step(optimizer)
+    scaler.update()
+    assert model.layers[0].bn1.weight[0] == 0 and torch.all(model.layers[0].conv1.weight[0] == 0)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert rel_err(y0, y1) <= 1e-4

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import calibrate_bn, randomize_skeletons, regularized_step, rel_err
+from conftest import outputs_around_step, randomize_skeletons, regularized_step, rel_err
 
 from swp_plugin import StripeConv2d, StripePruner
 
@@ -19,12 +19,7 @@ def _prune(name, dead_filters):
     randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=dead_filters)
     if dead_filters:
         regularized_step(model, pruner, x)
-    calibrate_bn(model, x)
-    with torch.no_grad():
-        before = model(x), model.forward_features(x)
-    pruner.step()
-    with torch.no_grad():
-        after = model(x), model.forward_features(x)
+    before, after = outputs_around_step(model, pruner, x, features=True)
     return model, before, after
 
 
