@@ -129,8 +129,8 @@ class StripePruner(tp.pruner.BasePruner):
                 "StripePruner found no eligible conv in the model (every nn.Conv2d is ignored or excluded: "
                 f"{self.skipped or 'the model has none'}); nothing to prune."
             )
-        self._layers: Dict[str, nn.Module] = dict(model.named_modules())
-        self._layers = {name: self._layers[name] for name in self._fs}
+        modules = dict(model.named_modules())
+        self._layers: Dict[str, nn.Module] = {name: modules[name] for name in self._fs}
         self._channel_masks: Dict[str, List[Tuple[nn.Module, str, ChannelMask]]] = {}
         for name, layer in self._layers.items():
             targets = [(norm, t) for norm in fed_norms(self.DG, layer) for t in ("weight", "bias")]

@@ -167,7 +167,3 @@ def detach_skeletons(model: nn.Module, merge: bool = True) -> int:
                 count += 1
     return count
 
-
-def parametrized_original(module: nn.Module, tensor_name: str) -> nn.Parameter:
-    """The trainable tensor behind a parametrized ``module.<tensor_name>``."""
-    return module.parametrizations[tensor_name].original
