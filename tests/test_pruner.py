@@ -90,8 +90,7 @@ def test_fed_norms_found_through_depgraph_not_module_order():
 
     model = Shuffled()
     pruner = StripePruner(model, torch.randn(1, 3, 8, 8), ignored_layers=[model.head])
-    masked = [(m, t) for m, t, _ in pruner._channel_masks["conv"]]
-    assert masked == [(model.bn, "weight"), (model.bn, "bias"), (model.conv, "bias")]
+    assert pruner._mask_targets["conv"] == [("bn", "weight"), ("bn", "bias"), ("conv", "bias")]
 
 
 def test_interactive_step_yields_torch_pruning_groups():
@@ -177,3 +176,29 @@ def test_regularize_under_autocast_with_grad_scaler():
     assert model.layers[0].bn1.weight[0] == 0 and torch.all(model.layers[0].conv1.weight[0] == 0)
     (y0,), (y1,) = outputs_around_step(model, pruner, x)
     assert rel_err(y0, y1) <= 1e-4
+
+
+def test_without_depgraph_stripes_are_still_pruned_exactly():
+    model = resnet56()
+    x = torch.randn(4, 3, 32, 32)
+    with pytest.warns(UserWarning, match="DependencyGraph is unavailable"):
+        pruner = StripePruner(model, x[:1], ignored_layers=[model.fc], graph_timeout=1e-6)
+    assert pruner.DG is None and "TimeoutError" in pruner.graph_error
+    randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
+    regularized_step(model, pruner, x)
+    channels = _bn_channels(model)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert rel_err(y0, y1) <= 1e-4
+    assert _bn_channels(model) == channels  # no channel cleanup without the graph
+    assert all(isinstance(b.conv1, StripeConv2d) for b in model.layers)
+
+
+def test_rehearsal_keeps_the_model_untouched_when_stripes_cannot_be_reproduced(monkeypatch):
+    model, x, pruner = _build("resnet56")
+    randomize_skeletons(pruner, dead_stripes=0.5)
+    calibrate_bn(model, x)
+    monkeypatch.setattr(StripeConv2d, "forward", lambda self, inp: torch.zeros(1))  # a broken stripe layer
+    with pytest.raises(RuntimeError, match="left as it was"):
+        pruner.step()
+    assert not any(isinstance(m, StripeConv2d) for m in model.modules())
+    assert torch.nn.utils.parametrize.is_parametrized(model.conv1)  # skeletons still attached

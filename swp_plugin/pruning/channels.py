@@ -25,6 +25,7 @@ from torch_pruning import ops
 
 from ..layers.stripe_conv import StripeConv2d
 from .functions import STRIPE_CONV_PRUNER
+from .graph import run_model
 
 _PRODUCER_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, STRIPE_CONV_PRUNER.prune_out_channels)
 _CONSUMER_HANDLERS = (
@@ -116,15 +117,6 @@ def record_input_amax(model: nn.Module, probe_inputs: Sequence) -> Dict[nn.Modul
     return amax
 
 
-def run_model(model: nn.Module, inputs):
-    """Call ``model`` on example inputs given as a tensor, a tuple/list of args, or a dict of kwargs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Set[int] | None:
     """Root indices of ``group`` whose channel can go (see module doc); ``None`` if the group is blocked."""
     roots: Set[int] = set()
@@ -169,16 +161,20 @@ def plan_channel_removal(
         dead = dead_outputs(root).nonzero().flatten().tolist()
         if not dead:
             continue
-        group = DG.get_pruning_group(root, fn, dead)
-        covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
-        keep = removable_roots(group, input_amax)
         name = DG._module2name.get(root, type(root).__name__)
-        if keep is None:
-            notes.append(f"{name}: {len(dead)} dead filters kept (their channel group cannot be pruned exactly)")
+        try:
+            group = DG.get_pruning_group(root, fn, dead)
+            covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
+            keep = removable_roots(group, input_amax)
+            if keep is None:
+                notes.append(f"{name}: {len(dead)} dead filters kept (their channel group cannot be pruned exactly)")
+                continue
+            idxs = sorted(keep)
+            while idxs and not DG.check_pruning_group(DG.get_pruning_group(root, fn, idxs)):
+                idxs = idxs[:-1]  # torch-pruning's rule: keep at least one channel in every layer
+        except Exception as err:  # noqa: BLE001 - torch-pruning cannot map this group (split/concat index errors)
+            notes.append(f"{name}: {len(dead)} dead filters kept (torch-pruning: {type(err).__name__}: {err})")
             continue
-        idxs = sorted(keep)
-        while idxs and not DG.check_pruning_group(DG.get_pruning_group(root, fn, idxs)):
-            idxs = idxs[:-1]  # torch-pruning's rule: keep at least one channel in every layer
         if idxs:
             plan.append((root, fn, idxs))
     return plan, notes

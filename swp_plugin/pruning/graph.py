@@ -1,0 +1,56 @@
+"""Building torch-pruning's DependencyGraph with a time limit, and running a model on example inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Dict, Iterator, List
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+
+def run_model(model: nn.Module, inputs):
+    """Call ``model`` on example inputs given as a tensor, a tuple/list of args, or a dict of kwargs."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def flat_outputs(output) -> List[torch.Tensor]:
+    """The tensors of a model output (tensor, tuple/list or dict, nested)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (tuple, list)):
+        return [t for o in output for t in flat_outputs(o)]
+    return []
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ``TimeoutError`` in the block after ``seconds`` (main thread only; elsewhere no limit)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum, frame):
+        raise TimeoutError(f"DepGraph work took longer than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def build_graph(model: nn.Module, example_inputs, options: Dict) -> tp.DependencyGraph:
+    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)``."""
+    return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
