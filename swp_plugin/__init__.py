@@ -5,6 +5,7 @@
 
 from .layers import StripeConv2d
 from .measure import count_ops_and_params
+from .persistence import load, save
 from .pruning import StripeConvPruningFunc, StripeImportance, StripePruner, customized_pruners, torch_pruning_kwargs
 from .skeleton import ChannelMask, FilterSkeleton, attach_skeletons, detach_skeletons
 
@@ -21,5 +22,7 @@ __all__ = [
     "count_ops_and_params",
     "customized_pruners",
     "detach_skeletons",
+    "load",
+    "save",
     "torch_pruning_kwargs",
 ]
