@@ -47,8 +47,7 @@ def main(argv=None) -> None:
     example = next(iter(test_loader))[0][:1]
 
     pruner = StripePruner(model, example, sr=args.sr, threshold=args.threshold,
-                          ignored_layers=[model.get_classifier() if hasattr(model, "get_classifier")
-                                          else getattr(model, "classifier", getattr(model, "fc", None))])
+                          ignored_layers=[model.get_classifier()])
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * len(train_loader))
     start = time.time()

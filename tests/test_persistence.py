@@ -25,8 +25,7 @@ def _fresh(name):
 
 def _pruned(name):
     model, x = _fresh(name)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else getattr(model, "fc", model.classifier)
-    pruner = StripePruner(model, x[:1], ignored_layers=[head])
+    pruner = StripePruner(model, x[:1], ignored_layers=[model.get_classifier()])
     randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
     regularized_step(model, pruner, x)
     calibrate_bn(model, x)

@@ -50,6 +50,9 @@ class VGG(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         _init(self)
 
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
@@ -100,6 +103,9 @@ class CifarResNet(nn.Module):
         self.num_features = in_planes
         self.fc = nn.Linear(in_planes, num_classes)
         _init(self)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.relu(self.bn1(self.conv1(x))))
