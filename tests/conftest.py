@@ -24,7 +24,7 @@ def calibrate_bn(model: nn.Module, x: torch.Tensor, passes: int = 3) -> None:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for _ in range(passes):
-            model(x + 0.1 * torch.randn(x.shape, generator=gen))
+            model(x + 0.1 * torch.randn(x.shape, generator=gen).to(x))
     model.eval()
 
 

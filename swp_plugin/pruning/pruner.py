@@ -40,6 +40,8 @@ _GRAPH_OPTIONS = ("forward_fn", "output_transform", "unwrapped_parameters", "cus
 _BASE_PRUNER_OPTIONS = set(inspect.signature(tp.pruner.BasePruner.__init__).parameters) - {
     "self", "model", "example_inputs", "importance", "ignored_layers"
 }
+#: Default exactness tolerance of step() (max|diff| / max|y|) by parameter dtype.
+DEFAULT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 #: After this many channel groups fail their trial, channel cleanup is given up (stripes are still pruned).
 MAX_GROUP_FAILURES = 8
 
@@ -89,7 +91,8 @@ class StripePruner(tp.pruner.BasePruner):
         sr: L1 strength on the skeletons (the paper's alpha, default 1e-5).
         threshold: stripes with ``|FS| <= threshold`` die (the paper's delta, default 0.05).
         ignored_layers: modules (and their submodules) left untouched, e.g. the classifier.
-        verify: ``step()`` checks that outputs do not change (``max|diff| <= tolerance * max|y|``).
+        verify: ``step()`` checks that outputs do not change (``max|diff| <= tolerance * max|y|``;
+            default tolerance by dtype: 1e-4 for fp32, 1e-2 fp16, 5e-2 bf16).
         graph_timeout: seconds allowed for each DependencyGraph build/analysis (main thread only).
         **kwargs: other ``tp.pruner.BasePruner`` options (``forward_fn``, ``output_transform``,
             ``customized_pruners``, ``unwrapped_parameters``, ...), kept in ``pruner.options``.
@@ -110,12 +113,14 @@ class StripePruner(tp.pruner.BasePruner):
         ignored_layers: Sequence[nn.Module] | None = None,
         importance: tp.importance.Importance | None = None,
         verify: bool = True,
-        tolerance: float = 1e-4,
+        tolerance: float | None = None,
         graph_timeout: float | None = 120.0,
         **kwargs,
     ) -> None:
         self.sr = _check_number("sr", sr)
         self.threshold = _check_number("threshold", threshold)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        tolerance = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
         self.tolerance = _check_number("tolerance", tolerance)
         self.verify = verify
         self.graph_timeout = graph_timeout
@@ -186,6 +191,21 @@ class StripePruner(tp.pruner.BasePruner):
     def _skeleton(self, name: str, modules: Mapping[str, nn.Module] | None = None) -> FilterSkeleton:
         return (modules or self._modules_by_name)[name].parametrizations["weight"][0]
 
+    def _check_attached(self) -> None:
+        """Every skeleton conv is still in the model, with its Filter Skeleton."""
+        for name in self._names:
+            layer = self._modules_by_name[name]
+            try:
+                in_model = self.model.get_submodule(name) is layer
+            except AttributeError:
+                in_model = False
+            if not in_model or not any(isinstance(p, FilterSkeleton) for p in getattr(
+                    getattr(layer, "parametrizations", {}), "weight", [])):
+                raise RuntimeError(
+                    f"the Filter Skeleton of '{name}' is gone (the conv was replaced or its parametrization "
+                    "removed after the StripePruner was built); build a new StripePruner for this model."
+                )
+
     @property
     def skeletons(self) -> Mapping[str, nn.Parameter]:
         """Qualified conv name -> Filter Skeleton ``(out, kh, kw)`` (``(S,)`` for a StripeConv2d)."""
@@ -211,6 +231,7 @@ class StripePruner(tp.pruner.BasePruner):
         """
         reg = self.sr if reg is None else _check_number("reg", reg)
         self._require_not_stepped("regularize")
+        self._check_attached()
         skeletons = [self._skeleton(name) for name in self._names]
         if all(fs.skeleton.grad is None for fs in skeletons):
             raise RuntimeError(
@@ -220,7 +241,15 @@ class StripePruner(tp.pruner.BasePruner):
         for name, fs in zip(self._names, skeletons):
             if fs.skeleton.grad is not None:
                 fs.skeleton.grad.add_(torch.sign(fs.skeleton) * reg)
+            had_stripes = bool(fs.alive.any())
             self._kill_stripes(name, fs.alive & (fs.skeleton.abs() > self.threshold))
+            if had_stripes and not fs.alive.any():
+                warnings.warn(
+                    f"StripePruner: every stripe of '{name}' is now dead (|FS| <= threshold={self.threshold:g}); "
+                    "the layer outputs only its bias and step() keeps one empty channel for it. Lower sr or "
+                    "threshold if this is not wanted.",
+                    stacklevel=2,
+                )
 
     def update_regularizer(self) -> None:
         """Re-synchronise the channel masks with the stripe masks (e.g. after loading a checkpoint)."""
@@ -419,6 +448,7 @@ class StripePruner(tp.pruner.BasePruner):
             )
 
     def _validate(self) -> None:
+        self._check_attached()
         for name in self._names:
             parametrized = self._modules_by_name[name].parametrizations["weight"]
             if not torch.isfinite(parametrized[0].skeleton).all():

@@ -1,0 +1,236 @@
+"""Bad input and unusual settings: a clear error (which layer, which value, what to do) or a model that runs.
+
+Every case here has a row in docs/reliability.md with the same behaviour text (checked below).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import calibrate_bn, outputs_around_step, randomize_skeletons, regularized_step, rel_err
+from torch.nn.utils import parametrize
+
+from swp_plugin import StripeConv2d, StripePruner
+from swp_plugin.models import resnet20
+
+CASES: dict = {}
+
+
+def case(case_id: str, behaviour: str):
+    """Register a test as the check of one row of docs/reliability.md."""
+
+    def register(fn):
+        CASES[case_id] = behaviour
+        return fn
+
+    return register
+
+
+def _setup(dtype=torch.float32, **kwargs):
+    torch.manual_seed(0)
+    model = resnet20(width=0.5).to(dtype)
+    x = torch.randn(4, 3, 32, 32, dtype=dtype)
+    return model, x, StripePruner(model, x[:1], ignored_layers=[model.fc], **kwargs)
+
+
+def _untouched(model) -> bool:
+    return parametrize.is_parametrized(model.conv1) and not any(isinstance(m, StripeConv2d) for m in model.modules())
+
+
+@case("nan-skeleton", "step() raises ValueError naming the layer; the model is untouched")
+def test_nan_skeleton():
+    model, x, pruner = _setup()
+    with torch.no_grad():
+        pruner.skeletons["layers.2.conv1"][1, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="'layers.2.conv1'.*NaN/Inf"):
+        pruner.step()
+    assert _untouched(model)
+
+
+@case("nan-weight", "step() raises ValueError naming the layer; the model is untouched")
+def test_nan_weight():
+    model, x, pruner = _setup()
+    with torch.no_grad():
+        model.layers[0].conv2.parametrizations.weight.original[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight of 'layers.0.conv2'"):
+        pruner.step()
+    assert _untouched(model)
+
+
+@case("bad-hyperparameter", "negative, NaN/Inf or non-numeric sr / threshold / tolerance: ValueError at construction")
+@pytest.mark.parametrize("kwargs", [{"sr": -1.0}, {"threshold": float("inf")}, {"sr": "1e-5"}, {"tolerance": -1.0}])
+def test_bad_hyperparameters(kwargs):
+    with pytest.raises(ValueError, match="must be"):
+        _setup(**kwargs)
+
+
+@case("unknown-option", "an option torch-pruning's BasePruner does not have: TypeError listing the valid ones")
+def test_unknown_option():
+    with pytest.raises(TypeError, match="unknown StripePruner option.*pruning_ratio"):
+        _setup(prunning_ratio=0.5)
+
+
+@case("layer-loses-every-stripe",
+      "regularize() warns naming the layer; step() keeps one empty output channel for it; the model runs, exact")
+def test_layer_loses_every_stripe():
+    model, x, pruner = _setup()
+    with torch.no_grad():
+        pruner.skeletons["layers.1.conv1"].fill_(0.01)
+    with pytest.warns(UserWarning, match="every stripe of 'layers.1.conv1' is now dead"):
+        regularized_step(model, pruner, x)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert rel_err(y0, y1) <= 1e-4
+    assert model.layers[1].conv1.out_channels >= 1 and model.layers[1].conv1.num_stripes == 0
+
+
+@case("model-loses-every-stripe",
+      "every layer warns; step() keeps one channel per layer; the model runs and outputs a constant, exact")
+def test_model_loses_every_stripe():
+    model, x, pruner = _setup()
+    with torch.no_grad():
+        for fs in pruner.skeletons.values():
+            fs.zero_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        regularized_step(model, pruner, x)
+    assert len([w for w in caught if "every stripe" in str(w.message)]) == len(pruner.skeletons)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert torch.allclose(y0, y1) and torch.allclose(y1, y1[:1].expand_as(y1))
+    assert all(m.out_channels >= 1 for m in model.modules() if isinstance(m, StripeConv2d))
+
+
+@case("bad-example-inputs", "wrong shape, dtype, type or device: ValueError at construction saying so")
+@pytest.mark.parametrize("inputs", [torch.randn(1, 1, 32, 32), "image", torch.randn(1, 3, 32, 32, device="meta")])
+def test_bad_example_inputs(inputs):
+    model = resnet20(width=0.5)
+    with pytest.raises(ValueError, match="example_inputs do not run through the model"):
+        StripePruner(model, inputs)
+
+
+@case("step-twice", "RuntimeError: already merged and pruned, build a new StripePruner")
+def test_step_twice():
+    _, _, pruner = _setup()
+    pruner.step()
+    with pytest.raises(RuntimeError, match="already merged"):
+        pruner.step()
+
+
+@case("regularize-before-backward", "RuntimeError: call it after loss.backward() and before optimizer.step()")
+def test_regularize_before_backward():
+    model, _, pruner = _setup()
+    with pytest.raises(RuntimeError, match="after loss.backward"):
+        pruner.regularize(model)
+
+
+@case("skeleton-removed", "regularize()/step() raise RuntimeError naming the conv whose Filter Skeleton is gone")
+@pytest.mark.parametrize("how", ["remove_parametrization", "replace_module"])
+def test_skeleton_removed(how):
+    model, x, pruner = _setup()
+    if how == "remove_parametrization":
+        parametrize.remove_parametrizations(model.layers[3].conv2, "weight")
+    else:
+        model.layers[3].conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    with pytest.raises(RuntimeError, match="'layers.3.conv2' is gone"):
+        pruner.step()
+
+
+@case("ignored-not-module", "ValueError at construction: pass the modules themselves")
+def test_ignored_not_module():
+    model = resnet20(width=0.5)
+    with pytest.raises(ValueError, match="pass the modules themselves"):
+        StripePruner(model, torch.randn(1, 3, 32, 32), ignored_layers=["fc"])
+
+
+@case("no-eligible-conv", "ValueError at construction listing why each conv was skipped")
+def test_no_eligible_conv():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(1, 3, 8, 8)
+    model(x)
+    with pytest.raises(ValueError, match="no eligible conv.*in ignored_layers"):
+        StripePruner(model, x, ignored_layers=[model[0]])
+
+
+@case("low-precision", "fp16/bf16 models prune; the exactness check uses a dtype tolerance (1e-2 fp16, 5e-2 bf16)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    model, x, pruner = _setup(dtype=dtype)
+    randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.2)
+    regularized_step(model, pruner, x)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert y1.dtype == dtype and rel_err(y0.float(), y1.float()) <= pruner.tolerance
+
+
+@case("train-mode-at-step",
+      "step() compares outputs in eval mode, leaves BatchNorm statistics unchanged and restores train mode")
+def test_train_mode_at_step():
+    model, x, pruner = _setup()
+    calibrate_bn(model, x)
+    model.train()
+    stats = model.layers[0].bn1.running_mean.clone()
+    pruner.step()
+    assert model.training and torch.equal(model.layers[0].bn1.running_mean[: len(stats)], stats)
+
+
+@case("failure-half-way",
+      "everything is rehearsed on a copy first: a failure raises RuntimeError and leaves the model as it was")
+def test_failure_half_way(monkeypatch):
+    model, x, pruner = _setup()
+    monkeypatch.setattr(StripeConv2d, "forward", lambda self, inp: torch.zeros(1))
+    with pytest.raises(RuntimeError, match="left as it was"):
+        pruner.step()
+    assert _untouched(model)
+
+
+@case("determinism", "same model, seed and inputs give the same pruned structure and outputs")
+def test_determinism():
+    results = []
+    for _ in range(2):
+        model, x, pruner = _setup()
+        randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
+        regularized_step(model, pruner, x)
+        calibrate_bn(model, x)
+        pruner.step()
+        shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+        with torch.no_grad():
+            results.append((shapes, model(x)))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+
+
+@case("optimizer-built-before-step",
+      "step() replaces parameters: rebuild the optimizer after step() (documented); old one holds stale tensors")
+def test_optimizer_rebuilt_after_step():
+    model, x, pruner = _setup()
+    old = torch.optim.SGD(model.parameters(), lr=0.1)
+    pruner.step()
+    current = {id(p) for p in model.parameters()}
+    assert not all(id(p) in current for g in old.param_groups for p in g["params"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # the documented way
+    model.train()
+    nn.functional.cross_entropy(model(x), torch.arange(4)).backward()
+    optimizer.step()
+
+
+@case("cuda", "on CUDA the pruner, masks, probes and stripe layers stay on the model's device (skipped without GPU)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda():
+    model = resnet20(width=0.5).cuda()
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    pruner = StripePruner(model, x[:1], ignored_layers=[model.fc])
+    randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.2)
+    regularized_step(model, pruner, x)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert rel_err(y0, y1) <= 1e-4 and all(p.is_cuda for p in model.parameters())
+
+
+def test_docs_reliability_lists_every_case():
+    rows = {}
+    for line in (Path(__file__).parents[1] / "docs" / "reliability.md").read_text().splitlines():
+        match = re.match(r"\| `([a-z0-9-]+)` \| (.+) \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2).strip()
+    assert rows == CASES
