@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch.nn.utils import parametrize
 
 from ..layers.stripe_conv import StripeConv2d
+from ..measure.counting import count_ops_and_params
 from ..skeleton import MASK_SAFE_CONVS, attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
 from ..skeleton.attach import probe_input
 from ..skeleton.parametrizations import FilterSkeleton
@@ -34,6 +35,7 @@ from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
 from .graph import build_graph, flat_outputs, run_model, time_limit
 from .importance import StripeImportance
+from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores
 
 #: torch-pruning options used to trace the graph; the others of BasePruner are kept in ``pruner.options``.
 _GRAPH_OPTIONS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
@@ -70,6 +72,13 @@ def _probe_inputs(example_inputs) -> List:
         return x
 
     return [example_inputs, randomize(example_inputs)]
+
+
+def _check_fraction(name: str, value, maximum: float = 0.999) -> float:
+    value = _check_number(name, value)
+    if not 0.0 < value <= maximum:
+        raise ValueError(f"{name} must be in (0, {maximum:g}], got {value!r}")
+    return value
 
 
 def _short(err: BaseException) -> str:
@@ -109,8 +118,10 @@ class StripePruner(tp.pruner.BasePruner):
         model: nn.Module,
         example_inputs,
         sr: float = 1e-5,
-        threshold: float = 0.05,
+        threshold: float | None = None,
         ignored_layers: Sequence[nn.Module] | None = None,
+        macs_reduction: float | None = None,
+        params_reduction: float | None = None,
         importance: tp.importance.Importance | None = None,
         verify: bool = True,
         tolerance: float | None = None,
@@ -118,7 +129,18 @@ class StripePruner(tp.pruner.BasePruner):
         **kwargs,
     ) -> None:
         self.sr = _check_number("sr", sr)
-        self.threshold = _check_number("threshold", threshold)
+        given = (("macs", macs_reduction), ("params", params_reduction))
+        targets = [(m, _check_fraction(f"{m}_reduction", r)) for m, r in given if r is not None]
+        if len(targets) > 1:
+            raise ValueError("give one target: macs_reduction or params_reduction, not both")
+        if targets and threshold is not None:
+            raise ValueError(f"threshold={threshold!r} and {targets[0][0]}_reduction={targets[0][1]!r} are mutually "
+                             "exclusive: with a target, step() chooses which stripes die")
+        self.target: Tuple[str, float] | None = targets[0] if targets else None
+        self.threshold = 0.0 if targets else _check_number("threshold", 0.05 if threshold is None else threshold)
+        self.iterative_steps = int(_check_number("iterative_steps", kwargs.get("iterative_steps", 1), 1))
+        self.max_pruning_ratio = _check_fraction("max_pruning_ratio", kwargs.get("max_pruning_ratio", 1.0), 1.0)
+        self.target_history: List[Tuple[float, float]] = []
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         tolerance = DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
         self.tolerance = _check_number("tolerance", tolerance)
@@ -144,6 +166,7 @@ class StripePruner(tp.pruner.BasePruner):
                 )
         self._check_runs(model, example_inputs)
         self.example_inputs = example_inputs
+        self.dense_counts = count_ops_and_params(model, example_inputs) if self.target else None
         self._graph_options = {k: kwargs.pop(k) for k in _GRAPH_OPTIONS if k in kwargs}
         self._graph_options["customized_pruners"] = {
             **customized_pruners(), **(self._graph_options.get("customized_pruners") or {})
@@ -292,6 +315,12 @@ class StripePruner(tp.pruner.BasePruner):
         """
         self._require_not_stepped("step")
         self._validate()
+        self.current_step += 1
+        if self.target is not None:
+            steps = self.iterative_steps
+            self._reach_target(self.target[1] * min(self.current_step, steps) / steps)
+            if self.current_step < steps:  # an intermediate step of a gradual schedule: stripes killed only
+                return iter(()) if interactive else None
         if interactive:
             return self._prune()
         for group in self._prune():
@@ -309,7 +338,6 @@ class StripePruner(tp.pruner.BasePruner):
         self._final_skeletons = dict(self.skeletons)
         self._merge(model)
         self._stepped = True
-        self.current_step += 1
         if plan:
             self.DG = self._graph(model)
             modules = dict(model.named_modules())
@@ -328,17 +356,7 @@ class StripePruner(tp.pruner.BasePruner):
         notes: List[str] = []
         plan: NamedPlan = []
         trial = self._merged_copy()
-        if self.DG is not None:
-            try:
-                with time_limit(self.graph_timeout):
-                    graph = build_graph(trial, self.example_inputs, self._graph_options)
-                    amax = record_input_amax(trial, probes)
-                    roots = [dict(trial.named_modules())[name] for name in self._names]
-                    module_plan, notes = plan_channel_removal(graph, roots, amax)
-                plan = [(graph._module2name[m], fn, idxs) for m, fn, idxs in module_plan]
-            except Exception as err:  # noqa: BLE001
-                notes.append(f"channel cleanup skipped: DependencyGraph analysis failed ({_short(err)})")
-                plan = []
+        plan, notes = self._plan_on(trial, probes)
         failure = self._try_plan(trial, plan, probes, reference)
         if failure is not None and plan:
             plan, group_notes = self._plan_group_by_group(plan, probes, reference)
@@ -351,6 +369,76 @@ class StripePruner(tp.pruner.BasePruner):
                 "pass verify=False to prune anyway."
             )
         return plan, notes
+
+    def _plan_on(self, trial: nn.Module, probes: List) -> Tuple[NamedPlan, List[str]]:
+        """The channel-removal plan (by module names) for a merged copy; empty without a graph."""
+        if self.DG is None:
+            return [], []
+        try:
+            with time_limit(self.graph_timeout):
+                graph = build_graph(trial, self.example_inputs, self._graph_options)
+                amax = record_input_amax(trial, probes)
+                modules = dict(trial.named_modules())
+                module_plan, notes = plan_channel_removal(graph, [modules[n] for n in self._names], amax)
+            return [(graph._module2name[m], fn, idxs) for m, fn, idxs in module_plan], notes
+        except Exception as err:  # noqa: BLE001
+            return [], [f"channel cleanup skipped: DependencyGraph analysis failed ({_short(err)})"]
+
+    # ------------------------------------------------------------------ targets
+    def _reach_target(self, goal: float) -> None:
+        """Kill the least important alive stripes so that the pruned model's metric drops by ``goal``."""
+        metric, _ = self.target
+        modules = self._modules_by_name
+        fs = [self._skeleton(n) for n in self._names]
+        weights = [modules[n].parametrizations["weight"].original for n in self._names]
+        scores = stripe_scores([f.skeleton for f in fs], weights, [f.alive for f in fs])
+        costs = self._stripe_costs(metric)
+        layers, flats, cost = ranked_candidates(scores, costs, self.max_pruning_ratio)
+        dense = self.dense_counts[0 if metric == "macs" else 1]
+        shapes = [f.alive.shape for f in fs]
+        probes = _probe_inputs(self.example_inputs)
+
+        def measure(k: int) -> float:
+            counts = self._rehearsed_counts(kill_masks(shapes, layers, flats, k), probes)
+            return 1.0 - counts[0 if metric == "macs" else 1] / dense
+
+        start = measure(0)
+        cumulative = torch.cat([torch.zeros(1), torch.cumsum(cost, 0)]) / dense
+        k, reached = search_kill_count(goal, lambda i: start + float(cumulative[i]), measure, len(layers))
+        if reached < goal - 0.03 and (reachable := measure(len(layers))) < goal - 0.03:
+            raise ValueError(
+                f"{metric}_reduction target {goal:.3f} is unreachable: killing every stripe allowed by "
+                f"max_pruning_ratio={self.max_pruning_ratio:g} gives {reachable:.3f} (ignored layers and "
+                "non-conv layers keep the rest). Lower the target or raise max_pruning_ratio."
+            )
+        for name, kill in zip(self._names, kill_masks(shapes, layers, flats, k)):
+            self._kill_stripes(name, self._skeleton(name).alive & ~kill.to(self._skeleton(name).alive.device))
+        self.target_history.append((goal, reached))
+        if abs(reached - goal) > 0.03:
+            warnings.warn(f"StripePruner: reached {metric}_reduction {reached:.3f} for a target of {goal:.3f} "
+                          "(the closest the stripe granularity allows)", stacklevel=3)
+
+    def _stripe_costs(self, metric: str) -> List[float]:
+        """Per skeleton layer, what one stripe costs: ``C_in/groups`` params, times output positions for MACs."""
+        if metric == "macs" and not hasattr(self, "_positions"):
+            self._positions = _output_positions(self.model, [self._modules_by_name[n] for n in self._names],
+                                                self.example_inputs)
+        costs = []
+        for i, name in enumerate(self._names):
+            layer = self._modules_by_name[name]
+            per_stripe = layer.in_channels // getattr(layer, "groups", 1)
+            costs.append(per_stripe * (self._positions[i] if metric == "macs" else 1))
+        return costs
+
+    def _rehearsed_counts(self, kills: List[torch.Tensor], probes: List) -> Tuple[float, int]:
+        """MACs and params the model would have after killing ``kills`` and a full step() (on a copy)."""
+        trial = self._merged_copy(kills)
+        plan, _ = self._plan_on(trial, probes)
+        if self._try_plan(trial, plan, probes, None) is not None:  # cleanup failed there: stripes only
+            trial = self._merged_copy(kills)
+            self._convert(trial)
+        counts = count_ops_and_params(trial, self.example_inputs)
+        return counts[0], counts[1]
 
     def _plan_group_by_group(self, plan: NamedPlan, probes, reference) -> Tuple[NamedPlan, List[str]]:
         """Keep the channel groups that can be pruned exactly, one at a time (after a failed full plan)."""
@@ -378,12 +466,17 @@ class StripePruner(tp.pruner.BasePruner):
                         graph.get_pruning_group(modules[name], fn, idxs).prune()
             if convert:
                 self._convert(trial)
-            return self._mismatch(trial, probes, reference)
+            return None if reference is None else self._mismatch(trial, probes, reference)
         except Exception as err:  # noqa: BLE001
             return _short(err)
 
-    def _merged_copy(self) -> nn.Module:
+    def _merged_copy(self, kills: List[torch.Tensor] | None = None) -> nn.Module:
+        """A copy of the model with ``kills`` (FS-shaped bool masks) killed and the skeletons merged."""
         trial = _copy_model(self.model)
+        modules = dict(trial.named_modules())
+        for name, kill in zip(self._names, kills or ()):
+            alive = self._skeleton(name, modules).alive
+            self._kill_stripes(name, alive & ~kill.to(alive.device), modules)
         self._merge(trial)
         return trial
 
@@ -469,6 +562,25 @@ class StripePruner(tp.pruner.BasePruner):
             ) from err
         finally:
             model.train(was_training)
+
+
+@torch.no_grad()
+def _output_positions(model: nn.Module, layers: List[nn.Module], example_inputs) -> List[int]:
+    """Output positions ``H_out * W_out`` of each layer for one forward of the example inputs."""
+    sizes: Dict[int, int] = {}
+
+    def record(module, inputs, output) -> None:
+        sizes.setdefault(id(module), output.shape[-2] * output.shape[-1])
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    was_training = model.training
+    try:
+        run_model(model.eval(), example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return [sizes.get(id(m), 0) for m in layers]
 
 
 def _copy_model(model: nn.Module) -> nn.Module:

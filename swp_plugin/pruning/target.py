@@ -1,0 +1,106 @@
+"""Target-driven stripe selection: kill the least important stripes until MACs or params drop by ``r``.
+
+Stripe importance is ``|FS| * ||W_stripe||_2`` (with untrained skeletons, FS = 1, it is the stripe's weight
+magnitude: a data-free start), divided by the mean importance of the stripe's layer so that layers compete
+on relative terms (torch-pruning's ``normalizer='mean'``). Stripes are ranked globally, lowest first, each
+layer capped at ``max_pruning_ratio`` of its stripes.
+
+How many stripes go is searched on the real outcome: each candidate is rehearsed on a copy of the model
+(merge, channel cleanup through DepGraph, conversion) and counted with ``count_ops_and_params``, so the
+savings of channel cleanup are included. A fast estimate (stripe MACs only) proposes candidates; a few
+rehearsals correct it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import torch
+
+#: The reduction is accepted once within this distance of the target (the contract is 0.03).
+ACCEPT = 0.01
+MAX_REHEARSALS = 8
+
+
+def stripe_scores(skeletons: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                  alive: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Per layer, FS-shaped importance of each alive stripe (``inf`` for dead ones), mean-normalised."""
+    scores = []
+    for fs, weight, live in zip(skeletons, weights, alive):
+        magnitude = weight.detach().float().norm(dim=1)  # (out, kh, kw) for a conv, (S,) for a stripe conv
+        score = fs.detach().float().abs() * magnitude
+        mean = score[live].mean() if live.any() else torch.tensor(1.0)
+        score = score / (mean if mean > 0 else 1.0)
+        scores.append(torch.where(live, score, torch.full_like(score, float("inf"))))
+    return scores
+
+
+def ranked_candidates(scores: List[torch.Tensor], costs: Sequence[float], max_ratio: float
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Alive stripes in kill order, honouring the per-layer cap: ``(layer index, flat index, cost)``."""
+    layers, flats, values, cost = [], [], [], []
+    for i, score in enumerate(scores):
+        flat = score.flatten()
+        alive = torch.isfinite(flat)
+        allowed = int(max_ratio * flat.numel()) - int((~alive).sum())
+        if allowed <= 0:
+            continue
+        order = torch.argsort(flat.masked_fill(~alive, float("inf")))[: min(allowed, int(alive.sum()))]
+        layers.append(torch.full((len(order),), i, dtype=torch.long))
+        flats.append(order)
+        values.append(flat[order])
+        cost.append(torch.full((len(order),), float(costs[i])))
+    if not layers:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, torch.zeros(0)
+    order = torch.argsort(torch.cat(values), stable=True)
+    return torch.cat(layers)[order], torch.cat(flats)[order], torch.cat(cost)[order]
+
+
+def kill_masks(shapes: Sequence[torch.Size], layers: torch.Tensor, flats: torch.Tensor, k: int) -> List[torch.Tensor]:
+    """Bool masks (FS-shaped) of the first ``k`` candidates."""
+    masks = [torch.zeros(s, dtype=torch.bool).flatten() for s in shapes]
+    for layer, flat in zip(layers[:k].tolist(), flats[:k].tolist()):
+        masks[layer][flat] = True
+    return [m.view(s) for m, s in zip(masks, shapes)]
+
+
+def search_kill_count(target: float, estimate: Callable[[int], float], measure: Callable[[int], float],
+                      n: int) -> Tuple[int, float]:
+    """Find ``k`` in ``[0, n]`` whose measured reduction is closest to ``target``.
+
+    ``estimate(k)`` is cheap and monotone (stripe MACs only); ``measure(k)`` rehearses. The estimate is shifted
+    by the last measured gap until the result is within :data:`ACCEPT`, then a bisection on measurements.
+    """
+    measured: Dict[int, float] = {}
+
+    def k_for(goal: float) -> int:
+        lo, hi = 0, n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if estimate(mid) >= goal:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    goal = target
+    for _ in range(MAX_REHEARSALS):
+        k = k_for(goal)
+        if k in measured:
+            break
+        measured[k] = measure(k)
+        if abs(measured[k] - target) <= ACCEPT:
+            return k, measured[k]
+        goal = min(max(goal + target - measured[k], 0.0), 1.0)
+    below = [k for k, r in measured.items() if r < target]
+    above = [k for k, r in measured.items() if r >= target]
+    lo, hi = (max(below) if below else 0), (min(above) if above else n)
+    while hi - lo > 1 and len(measured) < 2 * MAX_REHEARSALS:
+        mid = (lo + hi) // 2
+        measured[mid] = measure(mid)
+        if abs(measured[mid] - target) <= ACCEPT:
+            return mid, measured[mid]
+        lo, hi = (mid, hi) if measured[mid] < target else (lo, mid)
+    best = min(measured, key=lambda k: abs(measured[k] - target))
+    return best, measured[best]
