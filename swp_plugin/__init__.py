@@ -4,7 +4,7 @@
 """
 
 from .layers import StripeConv2d
-from .measure import count_ops_and_params
+from .measure import count_ops_and_params, report
 from .persistence import load, save
 from .pruning import StripeConvPruningFunc, StripeImportance, StripePruner, customized_pruners, torch_pruning_kwargs
 from .skeleton import ChannelMask, FilterSkeleton, attach_skeletons, detach_skeletons
@@ -23,6 +23,7 @@ __all__ = [
     "customized_pruners",
     "detach_skeletons",
     "load",
+    "report",
     "save",
     "torch_pruning_kwargs",
 ]

@@ -57,9 +57,11 @@ def describe(model: nn.Module) -> Dict[str, Dict]:
     return structure
 
 
-def save(model: nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Save ``model`` (pruned or not) as tensors + structure; see :func:`load`."""
-    torch.save({"format": FORMAT, "structure": describe(model), "state_dict": model.state_dict()}, path)
+def save(model: nn.Module, path: Union[str, os.PathLike], **metadata) -> None:
+    """Save ``model`` (pruned or not) as tensors + structure; see :func:`load`. ``metadata``: plain values
+    (str, numbers, lists, dicts) stored alongside, e.g. the model name the CLI uses to rebuild it."""
+    torch.save({"format": FORMAT, "structure": describe(model), "state_dict": model.state_dict(),
+                "metadata": metadata}, path)
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
