@@ -338,8 +338,11 @@ class StripePruner(tp.pruner.BasePruner):
         self._final_skeletons = dict(self.skeletons)
         self._merge(model)
         self._stepped = True
+        self.DG = self._graph(model, required=False) if plan else self.DG
+        if plan and self.DG is None:  # rehearsed fine, but the graph of the model itself did not build in time
+            self.notes.append("channel cleanup skipped: DependencyGraph of the merged model unavailable")
+            plan = []
         if plan:
-            self.DG = self._graph(model)
             modules = dict(model.named_modules())
             for name, fn, idxs in plan:
                 yield self.DG.get_pruning_group(modules[name], fn, idxs)
