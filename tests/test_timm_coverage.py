@@ -1,0 +1,72 @@
+"""CI-sized slice of benchmarks/timm_coverage.py: the same per-model SWP pipeline, in-process, on fast timm CNNs.
+
+Random sparse skeleton (dead stripes and dead filters), one regularized step, BatchNorm calibration, ``step()``;
+the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must train (backward).
+The full sweep (76 models, each in a subprocess with a time limit): ``python benchmarks/timm_coverage.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py"
+_spec = importlib.util.spec_from_file_location("timm_coverage", _PATH)
+coverage = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(coverage)
+
+# Each well under 5 s on 2 idle cores at 64x64 (densenet121 about 6 s): residual, depthwise/SE, dense concat,
+# DLA aggregation, RepVGG branches, ghost modules, RegNet groups, OSA concat, TF 'SAME' padding, LayerNorm.
+MODELS = [
+    "resnet18",
+    "mobilenetv3_small_050",
+    "densenet121",
+    "dla34",
+    "repvgg_a0",
+    "ghostnet_050",
+    "regnetx_002",
+    "ese_vovnet19b_dw",
+    "tf_efficientnet_b0",
+    "convnext_atto",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread: on a busy 2-core machine, OpenMP threads of concurrent processes oversubscribe the cores
+    and a run can get tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_coverage_pipeline_exact(name):
+    rec = coverage.run_swp(name, size=64)
+    assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
+    assert rec["skeletons"] > 0
+    assert rec["rel_err"] <= coverage.TOLERANCE
+    assert rec["status"] == "exact"
+    assert rec["backward_ok"]
+    assert rec["macs_after"] < rec["macs_before"]
+
+
+def test_report_renders():
+    ok = {"status": "exact", "rel_err": 1e-7, "macs_before": 2e6, "macs_after": 1e6, "params_before": 10,
+          "params_after": 5, "channels_removed": True, "t_step": 0.1}
+    err = {"status": "error", "stage": "step", "error_type": "RuntimeError", "error": "boom | `x`"}
+    records = [
+        {"model": "a", "family": "f", "size": 96, "swp": ok, "tp": {"status": "ok", "macs_after": 1e6}},
+        {"model": "b", "family": "f", "size": 96, "swp": err, "tp": {"status": "timeout", "stage": "step",
+                                                                     "error_type": "Timeout", "error": "late"}},
+    ]
+    meta = {"command": "python benchmarks/timm_coverage.py", "date": "today", "machine": "m", "versions": {},
+            "timeout": 300, "tp_timeout": 120}
+    md = coverage.render_md(records, meta)
+    assert "SWP: 1/2 exact (1 with channel cleanup); torch-pruning BasePruner: 1/2" in md
+    assert "`b` (step): boom \\| 'x'" in md
+    assert md.count("\n| ") == 4  # header, separator, two rows
