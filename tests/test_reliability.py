@@ -69,6 +69,28 @@ def test_bad_hyperparameters(kwargs):
         _setup(**kwargs)
 
 
+@case("bad-target", "a target outside (0, 1), or both macs_reduction and params_reduction: ValueError at construction")
+@pytest.mark.parametrize("kwargs", [{"macs_reduction": 1.2}, {"params_reduction": 0.0},
+                                    {"macs_reduction": 0.5, "params_reduction": 0.5}])
+def test_bad_target(kwargs):
+    with pytest.raises(ValueError, match="must be in|one target"):
+        _setup(**kwargs)
+
+
+@case("threshold-and-target", "ValueError at construction: they are mutually exclusive")
+def test_threshold_and_target():
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        _setup(threshold=0.05, macs_reduction=0.5)
+
+
+@case("unreachable-target", "step() raises ValueError with the reachable reduction; the model is untouched")
+def test_unreachable_target():
+    model, x, pruner = _setup(macs_reduction=0.9, max_pruning_ratio=0.2)
+    with pytest.raises(ValueError, match="unreachable"):
+        pruner.step()
+    assert _untouched(model)
+
+
 @case("unknown-option", "an option torch-pruning's BasePruner does not have: TypeError listing the valid ones")
 def test_unknown_option():
     with pytest.raises(TypeError, match="unknown StripePruner option.*pruning_ratio"):
