@@ -129,59 +129,12 @@ SIZES: Dict[str, int] = {}
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def calibrate_bn(model, x, passes: int = 3) -> None:
-    """BatchNorm running stats = statistics of ``model`` on noisy copies of ``x``, then eval() (as tests/)."""
-    import torch
-    import torch.nn as nn
-
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(passes):
-            model(x + 0.1 * torch.randn(x.shape, generator=gen))
-    model.eval()
 
 
-def randomize_skeletons(pruner, dead_stripes: float = 0.5, dead_filters: float = 0.0, seed: int = 0) -> None:
-    """FS values uniform in (0.1, 1); a fraction of stripes set to exactly 0, every filter keeping one, then
-    a fraction ``dead_filters`` of whole filters set to 0 (as tests/conftest.py)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for fs in pruner.skeletons.values():
-            values = 0.1 + 0.9 * torch.rand(fs.shape, generator=gen)
-            values[torch.rand(fs.shape, generator=gen) < dead_stripes] = 0
-            if fs.dim() > 1:  # keep a stripe in every filter (a 1x1 filter is a single stripe)
-                flat = values.view(fs.shape[0], -1)
-                empty = flat.eq(0).all(dim=1)
-                flat[empty, torch.randint(flat.shape[1], (int(empty.sum()),), generator=gen)] = 0.5
-            if dead_filters:
-                values[torch.rand(fs.shape[0], generator=gen) < dead_filters] = 0
-            fs.copy_(values)
 
 
-def regularized_step(model, pruner, x, num_classes: int = 10, lr: float = 0.01) -> None:
-    """One step of the documented loop: forward, backward, ``pruner.regularize``, ``optimizer.step``."""
-    import torch
-    import torch.nn.functional as F
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % num_classes)
-    optimizer.zero_grad()
-    loss.backward()
-    pruner.regularize(model)
-    optimizer.step()
 
 
-def rel_err(a, b) -> float:
-    """max|a - b| / max|a|."""
-    return float((a - b).abs().max() / a.abs().max())
 
 
 def channel_counts(model) -> Dict[str, int]:
@@ -282,6 +235,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
     try:
         stage("import")
         import swp_plugin
+        from swp_plugin.testing import calibrate_bn, randomize_skeletons, regularized_step
 
         stage("create")
         model, x = _make_model(name, size)
@@ -350,6 +304,8 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
 def _measure_after(rec: dict, model, x, y0) -> None:
     """Outputs after ``step()`` (also after a failed one: the model may have been changed), channels."""
     import torch
+
+    from swp_plugin.testing import rel_err
 
     try:
         model.eval()

@@ -1,77 +1,19 @@
-"""Shared helpers: sensitive BatchNorm statistics, random sparse skeletons, relative error."""
+"""Test set-up; the helpers live in swp_plugin.testing."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from swp_plugin.testing import (  # noqa: F401 - re-exported for the tests
+    calibrate_bn,
+    outputs_around_step,
+    randomize_skeletons,
+    regularized_step,
+    rel_err,
+)
 
 torch.set_num_threads(2)
-
-
-def calibrate_bn(model: nn.Module, x: torch.Tensor, passes: int = 3) -> None:
-    """Set BatchNorm running stats to the statistics of ``model`` on ``x`` (noisy copies), then eval().
-
-    Default running stats (mean 0, var 1) make a random deep net's features fade to ~0, which would hide
-    errors; calibrated stats keep every layer's activations at unit scale.
-    """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    model.train()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _ in range(passes):
-            model(x + 0.1 * torch.randn(x.shape, generator=gen).to(x))
-    model.eval()
-
-
-def randomize_skeletons(pruner, dead_stripes: float = 0.5, dead_filters: float = 0.0, seed: int = 0) -> None:
-    """FS values uniform in (0.1, 1); a fraction of stripes set to exactly 0, every filter keeping one, then
-    a fraction ``dead_filters`` of whole filters set to 0."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for fs in pruner.skeletons.values():
-            values = 0.1 + 0.9 * torch.rand(fs.shape, generator=gen)
-            values[torch.rand(fs.shape, generator=gen) < dead_stripes] = 0
-            if fs.dim() > 1:  # keep a stripe in every filter (a 1x1 filter is a single stripe)
-                flat = values.view(fs.shape[0], -1)
-                empty = flat.eq(0).all(dim=1)
-                flat[empty, torch.randint(flat.shape[1], (int(empty.sum()),), generator=gen)] = 0.5
-            if dead_filters:
-                values[torch.rand(fs.shape[0], generator=gen) < dead_filters] = 0
-            fs.copy_(values)
-
-
-def regularized_step(model: nn.Module, pruner, x: torch.Tensor, num_classes: int = 10, lr: float = 0.01) -> None:
-    """One step of the documented loop: forward, backward, ``pruner.regularize``, ``optimizer.step``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % num_classes)
-    optimizer.zero_grad()
-    loss.backward()
-    pruner.regularize(model)
-    optimizer.step()
-
-
-def outputs_around_step(model: nn.Module, pruner, x: torch.Tensor, features: bool = False):
-    """Calibrate BatchNorm, then eval-mode outputs (and ``forward_features``) before and after ``pruner.step()``."""
-    calibrate_bn(model, x)
-
-    def outputs():
-        with torch.no_grad():
-            return (model(x), model.forward_features(x)) if features else (model(x),)
-
-    before = outputs()
-    pruner.step()
-    return before, outputs()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|a|."""
-    return float((a - b).abs().max() / a.abs().max())
 
 
 @pytest.fixture(autouse=True)
