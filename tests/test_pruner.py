@@ -156,6 +156,7 @@ def test_call_order_errors():
     pruner.step()
     with pytest.raises(RuntimeError, match="already merged"):
         pruner.step()
+    assert pruner.stripe_sparsity() == 0.0  # still readable after step()
 
 
 def test_regularize_under_autocast_with_grad_scaler():

@@ -238,7 +238,9 @@ class StripePruner(tp.pruner.BasePruner):
         return {name: self._skeleton(name).skeleton for name in self._names}
 
     def stripe_sparsity(self) -> float:
-        """Fraction of stripes that are dead (over all skeleton layers)."""
+        """Fraction of stripes that are dead (over all skeleton layers); after ``step()``, its value then."""
+        if self._stepped:
+            return self._final_sparsity
         masks = [self._skeleton(name).alive for name in self._names]
         return sum(int((~m).sum()) for m in masks) / max(1, sum(m.numel() for m in masks))
 
@@ -301,6 +303,7 @@ class StripePruner(tp.pruner.BasePruner):
         """Take every skeleton and mask off the model without pruning (``merge``: bake them in)."""
         self._require_not_stepped("detach")
         self._final_skeletons = dict(self.skeletons)
+        self._final_sparsity = self.stripe_sparsity()
         detach_skeletons(self.model, merge=merge)
         self._stepped = True
 
@@ -337,6 +340,7 @@ class StripePruner(tp.pruner.BasePruner):
             reference = [flat_outputs(run_model(model, p)) for p in probes]
         plan, self.notes = self._rehearse(probes, reference)
         self._final_skeletons = dict(self.skeletons)
+        self._final_sparsity = self.stripe_sparsity()
         self._merge(model)
         self._stepped = True
         self.DG = self._graph(model, required=False) if plan else self.DG
