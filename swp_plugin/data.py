@@ -55,6 +55,29 @@ def _idx_dataset(root: Path, train: bool, mean, std) -> TensorDataset | None:
     return TensorDataset(x, y)
 
 
+class AugmentedTensors(Dataset):
+    """CIFAR-style augmentation of an in-memory image dataset: random crop with ``padding`` pixels of
+    ``fill`` (the normalised value of black) on each side, and a random horizontal flip."""
+
+    def __init__(self, dataset: Dataset, padding: int = 4, fill: float = 0.0, flip: bool = True) -> None:
+        self.dataset, self.padding, self.fill, self.flip = dataset, padding, fill, flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        p = self.padding
+        if p:
+            h, w = x.shape[-2:]
+            padded = torch.nn.functional.pad(x, (p, p, p, p), value=self.fill)
+            i, j = (int(v) for v in torch.randint(0, 2 * p + 1, (2,)))
+            x = padded[..., i : i + h, j : j + w]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, y
+
+
 def load_dataset(
     name: str = "fashion_mnist",
     train: bool = True,
@@ -71,7 +94,8 @@ def load_dataset(
         data_path: folder with the data (torchvision layout or raw IDX files).
         subset: keep a seeded random subset of this many samples.
         download: let torchvision download into ``data_path`` when the files are missing.
-        augment: random crop (pad 4) and horizontal flip, for CIFAR training.
+        augment: random crop (pad 4) and horizontal flip (training set only), CIFAR-style; also applied to
+            the in-memory Fashion-MNIST/MNIST data.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
@@ -83,6 +107,8 @@ def load_dataset(
                 dataset = _idx_dataset(root, train, mean, std)
             if dataset is not None:
                 break
+        if dataset is not None and augment and train:
+            dataset = AugmentedTensors(dataset, padding=4, fill=-mean[0] / std[0])
     if dataset is None:
         import torchvision
         from torchvision import transforms as T
@@ -92,7 +118,8 @@ def load_dataset(
                 f"{name}: no data found. Install Debian's dataset-fashion-mnist (Fashion-MNIST) or pass "
                 "--data-path to a folder with the dataset (add --download to let torchvision fetch it)."
             )
-        steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if augment and train else []
+        size = 32 if name.startswith("cifar") else 28
+        steps = [T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()] if augment and train else []
         transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
         dataset = getattr(torchvision.datasets, tv_name)(
             os.fspath(data_path), train=train, transform=transform, download=download

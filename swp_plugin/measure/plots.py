@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from typing import List, Tuple, Union
+from typing import List, Mapping, Tuple, Union
 
 import torch.nn as nn
 
@@ -26,8 +26,17 @@ def _pyplot():
     return plt
 
 
-def plot_stripe_ratios(model: nn.Module, path: Union[str, os.PathLike], cols: int = 8) -> None:
-    """PNG: for every KxK stripe layer, the fraction of filters keeping the stripe at each kernel position."""
+def plot_stripe_ratios(
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    cols: int = 8,
+    original_filters: Mapping[str, int] | None = None,
+    title: str | None = None,
+) -> None:
+    """PNG: for every KxK stripe layer, the fraction of filters keeping the stripe at each kernel position.
+
+    ``original_filters`` (layer name -> filters before pruning) makes the fractions relative to the layer
+    before pruning, so that removed filters count as lost stripes."""
     layers = _stripe_layers(model)
     if not layers:
         raise ValueError("the model has no stripe-pruned KxK conv (StripeConv2d); prune it first")
@@ -37,14 +46,15 @@ def plot_stripe_ratios(model: nn.Module, path: Union[str, os.PathLike], cols: in
     for ax in axes.flat:
         ax.axis("off")
     for ax, (name, layer) in zip(axes.flat, layers):
-        ratio = layer.stripe_mask().float().mean(dim=0).cpu().numpy()
+        filters = (original_filters or {}).get(name) or layer.out_channels
+        ratio = (layer.stripe_mask().float().sum(dim=0) / filters).cpu().numpy()
         ax.imshow(ratio, vmin=0, vmax=1, cmap="viridis")
         for i in range(ratio.shape[0]):
             for j in range(ratio.shape[1]):
                 value = ratio[i, j]
                 ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6, color="w" if value < 0.6 else "k")
         ax.set_title(name[-18:], fontsize=6)
-    fig.suptitle("remaining stripes per kernel position (fraction of filters)", fontsize=9)
+    fig.suptitle(title or "remaining stripes per kernel position (fraction of filters)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

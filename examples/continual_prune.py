@@ -1,0 +1,443 @@
+"""Continual pruning: channel pruning with torch-pruning (Network Slimming, Gate Decorator or any pruned
+checkpoint), then Stripe-Wise Pruning on the result.
+
+    python examples/continual_prune.py                        # default: about 10 min on 2 CPU cores
+    python examples/continual_prune.py --first gbn            # Gate-Decorator-style first stage
+    python examples/continual_prune.py --first checkpoint:runs/continual_prune/slimming.pt
+    python examples/continual_prune.py --first none           # SWP on the baseline
+    python examples/continual_prune.py --preset paper --dataset cifar10 --data-path data --device cuda
+
+Stages (each trains from the previous one; ``--epochs-*`` set their cost):
+  1. baseline: the paper's VGG16-BN / ResNet56 (``--model``, ``--width``) or any timm model, trained on
+     ``--subset`` images of Fashion-MNIST (or CIFAR-10 with ``--dataset cifar10 --data-path DIR``), or loaded
+     with ``--baseline PATH`` (a ``torch.save(model)`` file, e.g. ``runs/continual_prune/baseline.pt``);
+  2. first stage (``--first``): ``slimming`` = ``tp.pruner.BNScalePruner`` sparse training with its
+     ``regularize``, global pruning of ``--prune-ratio`` of the channels by BN scale, fine-tune;
+     ``gbn`` = Taylor importance of the BN gates accumulated while training, global and iterative
+     (``--gbn-steps``) with ``tp.pruner.BasePruner``, fine-tune; ``checkpoint:PATH`` = a whole pruned model
+     saved with ``torch.save(model)``, evaluated and pruned further; ``none`` = SWP on the baseline;
+  3. swp: ``StripePruner`` training with ``regularize`` (``--sr``, or ``auto``: the L1 push ``--push`` over
+     the schedule; ``--renorm 1``, the cpu preset, keeps each filter's largest FS value at 1 during training,
+     see ``swp_plugin.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
+     filters first scaled back up exactly, a new optimizer after ``step()``).
+
+Prints one table (accuracy on the test set, params with stripe indexes, MACs, CPU latency measured side by
+side at the end, training epochs and seconds), saves each stage's model (``torch.save(model)``) and a
+filter-shape picture in ``--out``, and with ``--json PATH`` writes the stages as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+from torch.utils.data import DataLoader
+
+import swp_plugin
+from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
+from swp_plugin.continual import (
+    BNTaylorImportance,
+    classifier_of,
+    feeding_batchnorms,
+    filter_norm_rms,
+    load_pruned_checkpoint,
+    renormalize_skeletons,
+    restore_filter_norms,
+    sr_for_push,
+)
+from swp_plugin.data import dataset_info, load_dataset
+from swp_plugin.measure import measure_latency, plot_stripe_ratios
+from swp_plugin.models import MODELS, create_model
+from swp_plugin.training import evaluate, fit
+
+#: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
+#: 2 CPU cores with Fashion-MNIST; ``paper``: the paper's schedule (160 epochs, batch 64, lr 0.1 divided by
+#: 10 at 50% and 75%, sr 1e-5, threshold 0.05, CIFAR-style augmentation) for a GPU.
+PRESETS = {
+    "cpu": dict(
+        model="vgg16_bn", width=0.25, subset=12000, batch_size=64, lr=0.05, lr_finetune=0.01,
+        schedule="cosine", weight_decay=1e-4, augment=False, epochs_baseline=8, epochs_sparse=3,
+        slim_reg="auto", slim_push=0.25, gbn_steps=3, epochs_gbn_step=1, prune_ratio=0.4,
+        epochs_first_finetune=3, sr="auto", renorm=1, push=None, threshold=0.05, epochs_swp=4, epochs_finetune=3,
+    ),
+    "paper": dict(
+        model="vgg16_bn", width=1.0, subset=None, batch_size=64, lr=0.1, lr_finetune=0.1,
+        schedule="step", weight_decay=1e-4, augment=True, epochs_baseline=160, epochs_sparse=160,
+        slim_reg="1e-4", slim_push=None, gbn_steps=10, epochs_gbn_step=10, prune_ratio=0.5,
+        epochs_first_finetune=160, sr="1e-5", renorm=0, push=None, threshold=0.05, epochs_swp=160, epochs_finetune=0,
+    ),
+}
+
+
+DENSE_BACKEND = "swp (backend=dense)"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="defaults of the options marked [preset]: cpu (default; Fashion-MNIST on 2 CPU cores) or "
+                        "paper (160 epochs, batch 64, lr 0.1 /10 at 50%% and 75%%, sr 1e-5, augmentation)")
+    a = p.add_argument_group("data and model")
+    a.add_argument("--dataset", default="fashion_mnist", help="fashion_mnist, mnist, cifar10, cifar100")
+    a.add_argument("--data-path", default=None, help="dataset folder (Fashion-MNIST: Debian's package if absent)")
+    a.add_argument("--download", action="store_true", help="let torchvision download into --data-path")
+    a.add_argument("--subset", type=int, help="training images used; 0 = all [preset]")
+    a.add_argument("--test-subset", type=int, default=0, help="test images used; 0 = all (default)")
+    a.add_argument("--augment", type=int, choices=(0, 1), help="random crop + flip [preset]")
+    a.add_argument("--model", help=f"{', '.join(MODELS)} or a timm model name [preset]")
+    a.add_argument("--width", type=float, help="channel width multiplier of the paper's nets [preset]")
+    a.add_argument("--baseline", default=None, metavar="PATH",
+                   help="load the baseline (torch.save(model)) instead of training it")
+    t = p.add_argument_group("training (SGD, momentum 0.9)")
+    t.add_argument("--batch-size", type=int, help="[preset]")
+    t.add_argument("--lr", type=float, help="baseline, sparse and SWP training [preset]")
+    t.add_argument("--lr-finetune", type=float, help="fine-tuning after each pruning [preset]")
+    t.add_argument("--schedule", choices=("cosine", "step", "constant"),
+                   help="per stage; step = /10 at 50%% and 75%% [preset]")
+    t.add_argument("--weight-decay", type=float, help="[preset]")
+    t.add_argument("--epochs-baseline", type=int, help="[preset]")
+    f = p.add_argument_group("first stage (torch-pruning)")
+    f.add_argument("--first", default="slimming", help="slimming, gbn, checkpoint:PATH or none (%(default)s)")
+    f.add_argument("--prune-ratio", type=float, help="fraction of channels removed, global ranking [preset]")
+    f.add_argument("--max-layer-ratio", type=float, default=0.9, help="at most this fraction of a layer")
+    f.add_argument("--epochs-sparse", type=int, help="slimming: sparse training epochs [preset]")
+    f.add_argument("--slim-reg", help="slimming: L1 on BN scales, a number or auto (from --slim-push) [preset]")
+    f.add_argument("--slim-push", type=float, help="slimming: total L1 push on BN scales when auto [preset]")
+    f.add_argument("--gbn-steps", type=int, help="gbn: iterative pruning steps [preset]")
+    f.add_argument("--epochs-gbn-step", type=int, help="gbn: epochs of training (scoring) per step [preset]")
+    f.add_argument("--epochs-first-finetune", type=int, help="fine-tuning after the first stage [preset]")
+    s = p.add_argument_group("stripe-wise pruning")
+    s.add_argument("--sr", help="L1 strength on the Filter Skeleton, a number or auto (from --push) [preset]")
+    s.add_argument("--renorm", type=int, choices=(0, 1),
+                   help="1: keep each filter's largest FS at 1 during training, BatchNorm compensating "
+                        "(swp_plugin.continual.renormalize_skeletons; not in the paper) [preset]")
+    s.add_argument("--push", type=float,
+                   help="auto sr: total L1 push over the SWP schedule (assumes hundreds of steps); default 4 with "
+                        "--renorm 1 (a stripe's gap to its filter's strongest grows about exp(push)), else 0.95 "
+                        "(stripes start at 1; a cliff: 0.9 kills ~0%%, 1.0 kills ~90%%)")
+    s.add_argument("--threshold", type=float, help="stripes with |FS| <= threshold die [preset]")
+    s.add_argument("--epochs-swp", type=int, help="training with Filter Skeletons [preset]")
+    s.add_argument("--epochs-finetune", type=int, help="fine-tuning after step() [preset]")
+    r = p.add_argument_group("run and report")
+    r.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+    r.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    r.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--latency-batch", type=int, default=1)
+    r.add_argument("--latency-repeats", type=int, default=50)
+    r.add_argument("--out", default="runs/continual_prune", help="folder for the models and the picture")
+    r.add_argument("--json", default=None, metavar="PATH", help="write the stages as JSON")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.augment = bool(args.augment)
+    if args.push is None:
+        args.push = 4.0 if args.renorm else 0.95
+    if args.first not in ("slimming", "gbn", "none") and not args.first.startswith("checkpoint:"):
+        p.error(f"--first must be slimming, gbn, checkpoint:PATH or none, got {args.first!r}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def _number_or_auto(name: str, value: str) -> float | None:
+    if str(value).lower() == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number or auto, got {value!r}") from None
+
+
+class Run:
+    """The state shared by the stages: data, device, the recorded stages."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.progress = not args.no_progress
+        self.in_chans, self.num_classes = dataset_info(args.dataset)
+        subset = args.subset or None
+        self.train_set = load_dataset(args.dataset, True, args.data_path, subset=subset, download=args.download,
+                                      augment=args.augment, seed=args.seed)
+        test_set = load_dataset(args.dataset, False, args.data_path, subset=args.test_subset or None,
+                                download=args.download, seed=args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        self.train_loader = DataLoader(self.train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
+                                       num_workers=args.workers, drop_last=len(self.train_set) > args.batch_size)
+        self.test_loader = DataLoader(test_set, batch_size=256, num_workers=args.workers)
+        images = next(iter(DataLoader(test_set, batch_size=max(1, args.latency_batch))))[0]
+        self.latency_input = images  # CPU, for the latency measurement
+        self.example = images[:1].to(args.device)  # for tracing and counting
+        self.stages: list[dict] = []
+        self.models: dict[str, nn.Module] = {}
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        print(f"data: {args.dataset}, {len(self.train_set)} training / {len(test_set)} test images; "
+              f"device {args.device}, {torch.get_num_threads()} threads")
+
+    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, after_backward=None, after_epoch=None,
+              after_step=None):
+        def log(epoch, loss):
+            print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss:.3f}", flush=True)
+            if after_epoch is not None:
+                after_epoch(epoch, loss)
+
+        return fit(model, self.train_loader, epochs, lr, schedule=self.args.schedule,
+                   weight_decay=self.args.weight_decay, after_backward=after_backward, after_epoch=log,
+                   after_step=after_step, device=self.args.device, desc=desc, progress=self.progress)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.test_loader, device=self.args.device, progress=self.progress)
+
+    def start(self) -> None:
+        """Mark the start of a stage's training (wall and CPU clocks)."""
+        self._wall, self._cpu = time.time(), time.process_time()
+
+    def record(self, name: str, model: nn.Module, epochs: float, accuracy: float | None = None):
+        seconds, cpu = time.time() - self._wall, time.process_time() - self._cpu
+        acc = self.accuracy(model) if accuracy is None else accuracy
+        macs, params = count_ops_and_params(model, self.example)
+        stage = {"name": name, "accuracy": acc, "params": int(params), "macs": int(macs),
+                 "epochs": epochs, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1)}
+        self.stages.append(stage)
+        snapshot = copy.deepcopy(model).cpu().eval()
+        self.models[name] = snapshot
+        torch.save(snapshot, self.out / f"{name}.pt")
+        print(f"[{name}] accuracy {acc:.2f}%, {macs / 1e6:.2f}M MACs, {params / 1e6:.4f}M params "
+              f"({epochs:g} epochs, {seconds:.0f}s) -> {self.out / (name + '.pt')}", flush=True)
+        return stage
+
+
+def build_baseline(run: Run) -> nn.Module:
+    args = run.args
+    if args.baseline:
+        run.start()
+        model = load_pruned_checkpoint(args.baseline, args.device)
+        run.record("baseline", model, 0)
+        return model
+    kwargs = {"width": args.width} if args.model in MODELS else {}
+    model = create_model(args.model, num_classes=run.num_classes, in_chans=run.in_chans, **kwargs).to(args.device)
+    run.start()
+    run.train(model, args.epochs_baseline, args.lr, "baseline")
+    run.record("baseline", model, args.epochs_baseline)
+    return model
+
+
+def tp_options(model: nn.Module) -> dict:
+    """ignored_layers (the classifier) and what torch-pruning needs for StripeConv2d layers."""
+    head = classifier_of(model)
+    return {"ignored_layers": [head] if head is not None else [], **swp_plugin.torch_pruning_kwargs()}
+
+
+def slimming(run: Run, model: nn.Module) -> nn.Module:
+    """Network Slimming with torch-pruning: L1 on BN scales while training, global pruning, fine-tune."""
+    args = run.args
+    steps = args.epochs_sparse * len(run.train_loader)
+    reg = _number_or_auto("--slim-reg", args.slim_reg)
+    if reg is None:
+        reg = sr_for_push(args.slim_push, args.lr, steps, args.schedule) if steps else 0.0
+    pruner = tp.pruner.BNScalePruner(
+        model, run.example, importance=tp.importance.BNScaleImportance(normalizer=None), reg=reg,
+        global_pruning=True, pruning_ratio=args.prune_ratio, max_pruning_ratio=args.max_layer_ratio,
+        **tp_options(model),
+    )
+    print(f"slimming: reg {reg:.3g} on BN scales for {args.epochs_sparse} epochs, then prune "
+          f"{100 * args.prune_ratio:.0f}% of the channels (global), fine-tune {args.epochs_first_finetune} epochs")
+    run.start()
+    run.train(model, args.epochs_sparse, args.lr, "slimming sparse", after_backward=lambda: pruner.regularize(model))
+    pruner.step()
+    print(f"  after pruning: {run.accuracy(model):.2f}% (before fine-tuning)")
+    run.train(model, args.epochs_first_finetune, args.lr_finetune, "slimming finetune")
+    run.record("slimming", model, args.epochs_sparse + args.epochs_first_finetune)
+    return model
+
+
+def gbn(run: Run, model: nn.Module) -> nn.Module:
+    """Gate-Decorator-style: Taylor score of BN gates while training, global, iterative pruning."""
+    args = run.args
+    importance = BNTaylorImportance()
+    pruner = tp.pruner.BasePruner(
+        model, run.example, importance=importance, global_pruning=True, pruning_ratio=args.prune_ratio,
+        max_pruning_ratio=args.max_layer_ratio, iterative_steps=args.gbn_steps, **tp_options(model),
+    )
+    print(f"gbn: {args.gbn_steps} steps of {args.epochs_gbn_step} epoch(s) scoring |gamma * dL/dgamma|, "
+          f"pruning to {100 * args.prune_ratio:.0f}% of the channels (global), fine-tune "
+          f"{args.epochs_first_finetune} epochs")
+    run.start()
+    for k in range(args.gbn_steps):
+        importance.reset()
+        if args.epochs_gbn_step:
+            run.train(model, args.epochs_gbn_step, args.lr_finetune, f"gbn step {k + 1}",
+                      after_backward=lambda: importance.accumulate(model))
+        else:  # score on one pass without updates
+            _score_only(run, model, importance)
+        pruner.step()
+        macs, _ = count_ops_and_params(model, run.example)
+        print(f"  gbn step {k + 1}/{args.gbn_steps}: {macs / 1e6:.2f}M MACs")
+    importance.reset()
+    run.train(model, args.epochs_first_finetune, args.lr_finetune, "gbn finetune")
+    epochs = args.gbn_steps * args.epochs_gbn_step + args.epochs_first_finetune
+    run.record("gbn", model, epochs)
+    return model
+
+
+def _score_only(run: Run, model: nn.Module, importance: BNTaylorImportance) -> None:
+    model.train()
+    for x, y in run.train_loader:
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x.to(run.args.device)), y.to(run.args.device)).backward()
+        importance.accumulate(model)
+    model.zero_grad(set_to_none=True)
+
+
+def from_checkpoint(run: Run, path: str) -> nn.Module:
+    run.start()
+    model = load_pruned_checkpoint(path, run.args.device)
+    try:
+        with torch.no_grad():
+            out = model.eval()(run.example)
+    except Exception as err:
+        raise SystemExit(f"{path}: the model does not run on {run.args.dataset} inputs "
+                         f"{tuple(run.example.shape)}: {err}") from err
+    if out.shape[-1] != run.num_classes:
+        raise SystemExit(f"{path}: the model has {out.shape[-1]} outputs, {run.args.dataset} has {run.num_classes}")
+    run.record("checkpoint", model, 0)
+    return model
+
+
+def swp(run: Run, model: nn.Module) -> nn.Module:
+    args = run.args
+    steps = args.epochs_swp * len(run.train_loader)
+    sr = _number_or_auto("--sr", args.sr)
+    if sr is None:
+        sr = sr_for_push(args.push, args.lr, steps, args.schedule) if steps else 0.0
+    filters_before = {n: m.out_channels for n, m in model.named_modules()
+                      if isinstance(m, (nn.Conv2d, StripeConv2d))}
+    norms_before = filter_norm_rms(model)
+    batchnorms = feeding_batchnorms(model, run.example) if args.renorm else {}
+    head = classifier_of(model)
+    pruner = StripePruner(model, run.example, sr=sr, threshold=args.threshold,
+                          ignored_layers=[head] if head is not None else [])
+    print(f"swp: sr {sr:.3g}, threshold {args.threshold} for {args.epochs_swp} epochs "
+          f"({len(pruner.skeletons)} convs with a Filter Skeleton"
+          f"{f', {len(batchnorms)} renormalised' if args.renorm else ''}), fine-tune {args.epochs_finetune} epochs")
+    run.start()
+    run.train(model, args.epochs_swp, args.lr, "swp", after_backward=lambda: pruner.regularize(model),
+              after_step=(lambda opt: renormalize_skeletons(pruner, batchnorms, opt)) if batchnorms else None,
+              after_epoch=lambda e, loss: print(f"    dead stripes {100 * pruner.stripe_sparsity():.1f}%"))
+    acc_trained = run.accuracy(model)
+    dead = pruner.stripe_sparsity()  # (only readable before step())
+    pruner.step()  # exact: checked inside (raises if the outputs changed)
+    acc_pruned = run.accuracy(model)
+    macs, params = count_ops_and_params(model, run.example)
+    print(f"  after step(): {acc_pruned:.2f}% (with skeletons: {acc_trained:.2f}%), {macs / 1e6:.2f}M MACs, "
+          f"{params / 1e6:.4f}M params; dead stripes {100 * dead:.1f}%")
+    for note in pruner.notes:
+        print(f"  note: {note}")
+    if args.epochs_finetune:
+        # The L1 push shrank the filters (FS merged into the weights); scale them back up, exactly, so that
+        # fine-tuning at an ordinary learning rate does not take huge effective steps. A new optimizer: the
+        # parameters were replaced by step().
+        restore_filter_norms(model, run.example, norms_before)
+        run.train(model, args.epochs_finetune, args.lr_finetune, "swp finetune")
+    stage = run.record("swp", model, args.epochs_swp + args.epochs_finetune)
+    stage.update({"sr": sr, "dead_stripes": dead, "accuracy_before_finetune": acc_pruned})
+    picture = run.out / "filter_shapes.png"
+    try:
+        plot_stripe_ratios(model, picture, original_filters=filters_before,
+                           title=f"{args.model}: kept stripes per kernel position after SWP")
+        print(f"filter shapes -> {picture}")
+    except ImportError:
+        print("matplotlib is not installed: no filter-shape picture")
+    except ValueError as error:  # no KxK stripe layer left
+        print(f"no filter-shape picture: {error}")
+    return model
+
+
+def format_table(stages: Sequence[Mapping], title: str | None = None) -> str:
+    """The stage table: accuracy, params (M, with stripe indexes), MACs (M), latency, training cost."""
+    lines = [title] if title else []
+    lines.append(f"{'stage':<12}{'acc (%)':>9}{'params (M)':>12}{'MACs (M)':>10}{'latency (ms)':>14}"
+                 f"{'epochs':>8}{'train (s)':>11}")
+    for s in stages:
+        latency = s.get("latency_ms")
+        lines.append(
+            f"{s['name']:<12}{s['accuracy']:>9.2f}{s['params'] / 1e6:>12.4f}{s['macs'] / 1e6:>10.2f}"
+            f"{(f'{latency:.3f}' if latency is not None else '-'):>14}"
+            f"{s.get('epochs', 0):>8g}{s.get('train_seconds', 0):>11.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args: argparse.Namespace, argv) -> dict:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    begin = time.time()
+    run = Run(args)
+
+    if args.first.startswith("checkpoint:"):
+        if args.baseline:
+            build_baseline(run)
+        model = from_checkpoint(run, args.first.split(":", 1)[1])
+    else:
+        model = build_baseline(run)
+        if args.first == "slimming":
+            model = slimming(run, model)
+        elif args.first == "gbn":
+            model = gbn(run, model)
+    model = swp(run, model)
+
+    print(f"latency: batch {args.latency_batch}, {args.latency_repeats} rounds, {torch.get_num_threads()} threads")
+    models = dict(run.models)
+    dense = copy.deepcopy(run.models["swp"])
+    stripe_layers = [m for m in dense.modules() if isinstance(m, StripeConv2d)]
+    for layer in stripe_layers:
+        layer.backend = "dense"  # same function: stripes scattered into a dense kernel, one F.conv2d
+    if stripe_layers:
+        models[DENSE_BACKEND] = dense
+    latency = measure_latency(models, run.latency_input, repeats=args.latency_repeats,
+                              threads=args.threads or None, progress=run.progress)
+    for stage in run.stages:
+        stage["latency_ms"] = round(latency[stage["name"]], 4)
+    if stripe_layers:
+        run.stages[-1]["latency_ms_dense_backend"] = round(latency[DENSE_BACKEND], 4)
+    total = time.time() - begin
+    print()
+    print(format_table(run.stages, f"{args.model} on {args.dataset}, --first {args.first}, total {total:.0f}s"))
+    if stripe_layers:
+        print(f"swp latency with StripeConv2d.backend='dense' (same function): {latency[DENSE_BACKEND]:.3f} ms")
+    result = {"stages": run.stages, "total_seconds": round(total, 1), "command": " ".join(sys.argv[1:])
+              if argv is None else " ".join(argv), "args": vars(args)}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+        print(f"json -> {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
