@@ -24,6 +24,8 @@ The per-model functions (``run_swp``, ``run_tp``) are imported by ``tests/test_t
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -63,6 +65,7 @@ MODELS: Dict[str, str] = {
     "efficientnet_b0": "efficientnet",
     "tf_efficientnet_b0": "efficientnet",  # Conv2dSame (TF 'SAME' padding)
     "efficientnet_b0_gn": "efficientnet",  # GroupNorm
+    "efficientnet_cc_b0_4e": "efficientnet",  # CondConv2d (routed expert kernels)
     "efficientnetv2_rw_t": "efficientnetv2",
     "tf_efficientnetv2_b0": "efficientnetv2",
     "tinynet_e": "tinynet",
@@ -97,7 +100,9 @@ MODELS: Dict[str, str] = {
     "nf_resnet26": "nfnet",  # ScaledStdConv2d
     "dm_nfnet_f0": "nfnet",
     "repvgg_a0": "repvgg",
+    "repvgg_a0@reparam": "repvgg",  # after reparameterize(): one 3x3 conv per block
     "mobileone_s0": "mobileone",
+    "mobileone_s0@reparam": "mobileone",
     "convnext_atto": "convnext",  # LayerNorm
     "convnextv2_atto": "convnext",  # GRN
     "inception_v3": "inception",
@@ -123,6 +128,9 @@ MODELS: Dict[str, str] = {
     "lambda_resnet26t": "lambda (hybrid)",
     "inception_next_atto": "inception_next",
 }
+
+#: name suffix: prune the model after ``timm.utils.reparameterize_model`` (its fused inference form)
+REPARAM = "@reparam"
 
 # Per-model input size where the default does not suit (every model above runs at 96x96 in timm 1.0.31).
 SIZES: Dict[str, int] = {}
@@ -211,7 +219,11 @@ def _make_model(name: str, size: int):
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=10)
+    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10)
+    if name.endswith(REPARAM):  # the deploy form of a reparameterisable net
+        from timm.utils.model import reparameterize_model
+
+        model = reparameterize_model(model.eval())
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     return model.eval(), x
 
@@ -412,6 +424,20 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+@contextlib.contextmanager
+def held(lock_file: str | None):
+    """An exclusive ``flock`` on ``lock_file`` for the duration (nothing when ``None``)."""
+    if not lock_file:
+        yield
+        return
+    with open(lock_file, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
     """Run one model in a subprocess (``--one``) with a wall-clock limit; a timeout or crash is recorded with
     the last stage the child reported."""
@@ -574,6 +600,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process (default 1: robust "
                    "on a shared machine, where OpenMP threads\nof several processes oversubscribe the cores)")
     p.add_argument("--skip-tp", action="store_true", help="do not run the torch-pruning anchor")
+    p.add_argument("--resume", action="store_true", help="keep the records already in --json, run the rest")
+    p.add_argument("--lock", metavar="FILE", help="hold an exclusive lock on FILE (flock) while a model runs, so that "
+                   "timing jobs of other\nprocesses that take the same lock run between models, not beside them")
     p.add_argument("--one", metavar="NAME", help="run one model in this process (used by the sweep)")
     p.add_argument("--mode", choices=sorted(RUNNERS), default="swp", help="with --one: which pipeline")
     p.add_argument("--out", help="with --one: write the record here (else print it)")
@@ -585,7 +614,7 @@ def main(argv: List[str] | None = None) -> int:
     import timm
 
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list(MODELS)
-    unknown = [n for n in names if not timm.is_model(n)]
+    unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
     if unknown:
         p.error(f"not timm models: {', '.join(unknown)}")
     meta = {
@@ -596,16 +625,25 @@ def main(argv: List[str] | None = None) -> int:
         "timeout": args.timeout,
         "tp_timeout": args.tp_timeout,
     }
+    done: Dict[str, dict] = {}
+    if args.resume and Path(args.json).exists():
+        previous = json.loads(Path(args.json).read_text())
+        done = {r["model"]: r for r in previous.get("records", []) if r["model"] in names}
+        meta["command"], meta["date"] = previous["meta"]["command"], previous["meta"]["date"]
     records: List[dict] = []
     t0 = time.perf_counter()
     for i, name in enumerate(names, 1):
+        if name in done:
+            records.append(done[name])
+            continue
         size = SIZES.get(name, args.size)
         rec = {"model": name, "family": MODELS.get(name, name.split("_")[0]), "size": size}
-        rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads)
-        if args.skip_tp:
-            rec["tp"] = {"status": "skipped"}
-        else:
-            rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads)
+        with held(args.lock):
+            rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads)
+            if args.skip_tp:
+                rec["tp"] = {"status": "skipped"}
+            else:
+                rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads)
         records.append(rec)
         _write_json(Path(args.json), {"meta": meta, "records": records})
         s, t = rec["swp"], rec["tp"]

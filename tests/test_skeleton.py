@@ -33,7 +33,7 @@ def _net():
         nn.Conv2d(8, 8, 1),  # 1: 1x1 -> per-filter gate
         nn.Conv2d(8, 8, 3, padding=1, groups=8),  # 2: depthwise
         Conv2dSame(8, 8, 3, stride=2),  # 3: timm same padding
-        StdConv2d(8, 8, 3, padding=1),  # 4: weight standardisation -> excluded
+        StdConv2d(8, 8, 3, padding=1),  # 4: weight standardisation -> unfolded into a parametrization, eligible
         WeightSquaringConv(8, 8, 3, padding=1),  # 5: nonlinear in weight -> excluded by probe
         PaddingConv(8, 8, 3),  # 6: custom but linear -> eligible
         nn.Conv2d(8, 4, (1, 3), padding=(0, 1)),  # 7: non-square kernel
@@ -43,10 +43,11 @@ def _net():
 def test_eligibility_and_shapes():
     net = _net()
     skeletons, skipped = attach_skeletons(net, ignored=[net[7]])
-    assert set(skeletons) == {"0", "1", "2", "3", "6"}
+    assert set(skeletons) == {"0", "1", "2", "3", "4", "6"}
     assert skeletons["0"].skeleton.shape == (8, 3, 3)
     assert skeletons["1"].skeleton.shape == (8, 1, 1)
-    assert "standardisation" in skipped["4"] and "not linear" in skipped["5"] and skipped["7"] == "in ignored_layers"
+    assert type(net[4]).__bases__[0] is nn.Conv2d  # the StdConv2d became a plain conv + parametrizations
+    assert "not linear" in skipped["5"] and skipped["7"] == "in ignored_layers"
     names = {n for n, _ in net.named_parameters()}
     assert "0.parametrizations.weight.0.skeleton" in names  # FS are model parameters
 
@@ -96,3 +97,12 @@ def test_stripe_conv_gets_one_value_per_stripe():
 @pytest.mark.parametrize("module", [nn.Linear(3, 3), nn.BatchNorm2d(3)])
 def test_non_convs_are_not_eligible(module):
     assert ineligibility_reason(module) == "not a 2-D convolution"
+
+
+def test_conv_like_layers_that_are_not_conv2d_are_reported():
+    from timm.layers import CondConv2d
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), CondConv2d(8, 8, 3, num_experts=2), nn.ConvTranspose2d(8, 4, 2))
+    skeletons, skipped = attach_skeletons(net)
+    assert set(skeletons) == {"0"}
+    assert "CondConv2d is not an nn.Conv2d" in skipped["1"] and "ConvTranspose2d" in skipped["2"]

@@ -25,7 +25,10 @@ from torch_pruning import ops
 
 from ..layers.stripe_conv import StripeConv2d
 from .functions import STRIPE_CONV_PRUNER
-from .graph import run_model
+from .graph import run_model, time_limit
+
+#: seconds allowed to torch-pruning for building one channel group (normally milliseconds)
+GROUP_TIMEOUT = 2.0
 
 _PRODUCER_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, STRIPE_CONV_PRUNER.prune_out_channels)
 _CONSUMER_HANDLERS = (
@@ -141,13 +144,17 @@ def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Set[int
 
 
 def plan_channel_removal(
-    DG: tp.DependencyGraph, roots: Iterable[nn.Module], input_amax: Dict[nn.Module, torch.Tensor]
+    DG: tp.DependencyGraph,
+    roots: Iterable[nn.Module],
+    input_amax: Dict[nn.Module, torch.Tensor],
+    group_timeout: float | None = GROUP_TIMEOUT,
 ) -> Tuple[List[RootPlan], List[str]]:
     """Decide, before anything is pruned, which dead filters of ``roots`` are removed with their channel.
 
     Returns ``(plan, notes)``: ``plan`` lists ``(root module, its out-channel pruning fn, root indices)``
     (root indices stay valid while other groups are pruned; build each group right before pruning it);
-    ``notes`` says which groups were blocked and why.
+    ``notes`` says which groups were blocked and why. A group torch-pruning does not build within
+    ``group_timeout`` seconds (its group search does not end on some attention blocks) is left alone.
     """
     plan: List[RootPlan] = []
     notes: List[str] = []
@@ -163,15 +170,17 @@ def plan_channel_removal(
             continue
         name = DG._module2name.get(root, type(root).__name__)
         try:
-            group = DG.get_pruning_group(root, fn, dead)
-            covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
-            keep = removable_roots(group, input_amax)
-            if keep is None:
-                notes.append(f"{name}: {len(dead)} dead filters kept (their channel group cannot be pruned exactly)")
-                continue
-            idxs = sorted(keep)
-            while idxs and not DG.check_pruning_group(DG.get_pruning_group(root, fn, idxs)):
-                idxs = idxs[:-1]  # torch-pruning's rule: keep at least one channel in every layer
+            with time_limit(group_timeout, "torch-pruning's group search"):
+                group = DG.get_pruning_group(root, fn, dead)
+                covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
+                keep = removable_roots(group, input_amax)
+                if keep is None:
+                    notes.append(f"{name}: {len(dead)} dead filters kept (their channel group cannot be pruned "
+                                 "exactly)")
+                    continue
+                idxs = sorted(keep)
+                while idxs and not DG.check_pruning_group(DG.get_pruning_group(root, fn, idxs)):
+                    idxs = idxs[:-1]  # torch-pruning's rule: keep at least one channel in every layer
         except Exception as err:  # noqa: BLE001 - torch-pruning cannot map this group (split/concat index errors)
             notes.append(f"{name}: {len(dead)} dead filters kept (torch-pruning: {type(err).__name__}: {err})")
             continue

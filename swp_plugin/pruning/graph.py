@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from typing import Dict, Iterator, List
 
 import torch
@@ -33,15 +34,23 @@ def flat_outputs(output) -> List[torch.Tensor]:
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None) -> Iterator[None]:
-    """Raise ``TimeoutError`` in the block after ``seconds`` (main thread only; elsewhere no limit)."""
+def time_limit(seconds: float | None, what: str = "DepGraph work") -> Iterator[None]:
+    """Raise ``TimeoutError`` in the block after ``seconds`` (main thread only; elsewhere no limit).
+
+    Nests: inside another ``time_limit`` the sooner deadline wins, and the outer one keeps running.
+    """
     if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    if outer_left and outer_left <= seconds:  # the enclosing limit fires first
         yield
         return
 
     def _raise(signum, frame):
-        raise TimeoutError(f"DepGraph work took longer than {seconds:g} s")
+        raise TimeoutError(f"{what} took longer than {seconds:g} s")
 
+    start = time.monotonic()
     previous = signal.signal(signal.SIGALRM, _raise)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -49,6 +58,8 @@ def time_limit(seconds: float | None) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
 
 
 def build_graph(model: nn.Module, example_inputs, options: Dict) -> tp.DependencyGraph:

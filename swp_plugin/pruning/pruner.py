@@ -27,11 +27,13 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.nn.utils import parametrize
 
+from ..layers.replace import replace_module
 from ..layers.stripe_conv import StripeConv2d
 from ..measure.counting import count_ops_and_params
 from ..skeleton import MASK_SAFE_CONVS, attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
-from ..skeleton.attach import probe_input
+from ..skeleton.attach import probe_input, skeleton_input, skeleton_of
 from ..skeleton.parametrizations import FilterSkeleton
+from ..skeleton.standardization import unfold_standardization
 from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
 from .graph import build_graph, flat_outputs, run_model, time_limit
@@ -165,6 +167,10 @@ class StripePruner(tp.pruner.BasePruner):
                     f"ignored_layers must hold nn.Module (or nn.Parameter) objects, got {layer!r} "
                     f"({type(layer).__name__}); pass the modules themselves, e.g. [model.fc]"
                 )
+        self.notes: List[str] = [
+            f"{name}: {cls} replaced by a plain conv with a WeightStandardization parametrization (same function)"
+            for name, cls in unfold_standardization(model, self.ignored_layers)
+        ]
         self._check_runs(model, example_inputs)
         self.example_inputs = example_inputs
         self.dense_counts = count_ops_and_params(model, example_inputs) if self.target else None
@@ -208,12 +214,11 @@ class StripePruner(tp.pruner.BasePruner):
             for module_name, tensor_name in targets:
                 attach_channel_mask(self._modules_by_name[module_name], tensor_name)
             self._mask_targets[name] = targets
-        self.notes: List[str] = []
         self._stepped = False
 
     # ------------------------------------------------------------------ public state
     def _skeleton(self, name: str, modules: Mapping[str, nn.Module] | None = None) -> FilterSkeleton:
-        return (modules or self._modules_by_name)[name].parametrizations["weight"][0]
+        return skeleton_of((modules or self._modules_by_name)[name])
 
     def _check_attached(self) -> None:
         """Every skeleton conv is still in the model, with its Filter Skeleton."""
@@ -284,13 +289,18 @@ class StripePruner(tp.pruner.BasePruner):
             self._kill_stripes(name, self._skeleton(name).alive)
 
     @torch.no_grad()
-    def _kill_stripes(self, name: str, alive: torch.Tensor, modules: Mapping[str, nn.Module] | None = None):
+    def _kill_stripes(self, name: str, alive: torch.Tensor, modules: Mapping[str, nn.Module] | None = None,
+                      mask_channels: bool = True):
+        """Mark the stripes of ``name`` outside ``alive`` dead; with ``mask_channels``, also zero the bias and
+        norm channels of the filters left without a stripe."""
         modules = modules or self._modules_by_name
         fs = self._skeleton(name, modules)
         fs.alive.copy_(alive)
         fs.skeleton.mul_(alive)
         if fs.skeleton.grad is not None:
             fs.skeleton.grad.mul_(alive)
+        if not mask_channels:
+            return
         channels = filter_alive(modules[name], alive)
         for module_name, tensor_name in self._mask_targets[name]:
             parametrization = modules[module_name].parametrizations[tensor_name]
@@ -398,7 +408,7 @@ class StripePruner(tp.pruner.BasePruner):
         metric, _ = self.target
         modules = self._modules_by_name
         fs = [self._skeleton(n) for n in self._names]
-        weights = [modules[n].parametrizations["weight"].original for n in self._names]
+        weights = [skeleton_input(modules[n]) for n in self._names]
         scores = stripe_scores([f.skeleton for f in fs], weights, [f.alive for f in fs])
         costs = self._stripe_costs(metric)
         layers, flats, cost = ranked_candidates(scores, costs, self.max_pruning_ratio)
@@ -501,11 +511,12 @@ class StripePruner(tp.pruner.BasePruner):
     def _merge(self, model: nn.Module) -> None:
         # Prune what regularize() killed (and stripes whose FS is exactly 0); a stripe that the very last
         # optimizer step pushed under the threshold still computes something and is kept, so the merge
-        # never changes the function (regularize() would kill it at the next iteration).
+        # never changes the function (regularize() would kill it at the next iteration). A filter whose FS
+        # values are all exactly 0 but were never killed keeps its bias / norm channels: they still compute.
         modules = dict(model.named_modules())
         for name in self._names:
             fs = self._skeleton(name, modules)
-            self._kill_stripes(name, fs.alive & fs.skeleton.ne(0), modules)
+            self._kill_stripes(name, fs.alive & fs.skeleton.ne(0), modules, mask_channels=False)
         detach_skeletons(model, merge=True)
 
     def _convert(self, model: nn.Module) -> None:
@@ -519,7 +530,7 @@ class StripePruner(tp.pruner.BasePruner):
             else:
                 stripe = StripeConv2d.from_dense(layer)
                 if _same_function(layer, stripe):
-                    _replace_module(model, layer, stripe)
+                    replace_module(model, layer, stripe)
                 else:
                     self._note(model, f"{name}: {type(layer).__name__} forward differs from a plain conv; kept dense")
 
@@ -561,7 +572,7 @@ class StripePruner(tp.pruner.BasePruner):
         self._check_attached()
         for name in self._names:
             parametrized = self._modules_by_name[name].parametrizations["weight"]
-            if not torch.isfinite(parametrized[0].skeleton).all():
+            if not torch.isfinite(skeleton_of(self._modules_by_name[name]).skeleton).all():
                 raise ValueError(f"Filter Skeleton of '{name}' holds NaN/Inf; fix training (lower lr/sr) first")
             if not torch.isfinite(parametrized.original).all():
                 raise ValueError(f"weight of '{name}' holds NaN/Inf; the model cannot be pruned exactly")
@@ -620,11 +631,3 @@ def _same_function(conv: nn.Conv2d, stripe: StripeConv2d) -> bool:
         return True
     x = probe_input(conv)
     return torch.allclose(stripe(x), conv(x), rtol=1e-4, atol=1e-5)
-
-
-def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is a child (a module may be registered under several parents)."""
-    for parent in model.modules():
-        for key, child in parent._modules.items():
-            if child is old:
-                parent._modules[key] = new

@@ -11,11 +11,14 @@ from .attach import (
     ineligibility_reason,
 )
 from .parametrizations import ChannelMask, FilterSkeleton
+from .standardization import STANDARDIZED_CONVS, WeightStandardization, unfold_standardization
 
 __all__ = [
     "EXCLUDED_CONVS",
     "MASK_SAFE_CONVS",
     "SKELETON_LAYOUTS",
+    "STANDARDIZED_CONVS",
+    "WeightStandardization",
     "ChannelMask",
     "FilterSkeleton",
     "attach_channel_mask",
@@ -23,4 +26,5 @@ __all__ = [
     "detach_skeletons",
     "filter_alive",
     "ineligibility_reason",
+    "unfold_standardization",
 ]

@@ -7,9 +7,10 @@ Which layers get a Filter Skeleton (FS):
   it lets whole filters die so their channels can be removed, but their surviving stripes stay in a
   dense kernel (no stripe kernel speeds up a grouped conv).
 * :class:`~swp_plugin.layers.StripeConv2d` (a second round of stripe pruning): one FS value per kept stripe.
-* Not: convs that transform their weight in forward (timm ``StdConv2d``/``ScaledStdConv2d``: weight
-  standardisation would turn a masked stripe back into a nonzero one). Unknown ``nn.Conv2d`` subclasses
-  that override ``forward`` are probed: they get an FS only if their output is linear in the weight.
+* Weight-standardised convs (timm ``StdConv2d``/``ScaledStdConv2d``): first replaced by a plain conv whose
+  weight carries the standardisation as a parametrization (:mod:`.standardization`), so that the FS acts on
+  the standardised weight. Unknown ``nn.Conv2d`` subclasses that override ``forward`` are probed: they get
+  an FS only if their output is linear in the weight.
 """
 
 from __future__ import annotations
@@ -18,18 +19,15 @@ from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.utils import parametrize
 
 from ..layers.stripe_conv import StripeConv2d
 from .parametrizations import ChannelMask, FilterSkeleton
+from .standardization import WeightStandardization, unfold_standardization
 
-#: Conv classes left dense, with the reason shown to the user.
-EXCLUDED_CONVS: Dict[type, str] = {
-    cls: "weight standardisation in forward would undo the stripe mask; left dense"
-    for cls in (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
-}
+#: Conv classes left dense, with the reason shown to the user (empty by default; an extension point).
+EXCLUDED_CONVS: Dict[type, str] = {}
 
 #: nn.Conv2d subclasses known to use their weight like nn.Conv2d (only the padding differs).
 MASK_SAFE_CONVS: Tuple[type, ...] = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
@@ -101,15 +99,24 @@ def ineligibility_reason(module: nn.Module) -> str | None:
     """Why ``module`` gets no Filter Skeleton, or ``None`` if it gets one."""
     if _layout(module) is None:
         return "not a 2-D convolution"
-    if parametrize.is_parametrized(module, "weight"):
+    if parametrize.is_parametrized(module, "weight") and not all(
+            isinstance(p, WeightStandardization) for p in module.parametrizations["weight"]):
         return "its weight is already parametrized"
     for cls, reason in EXCLUDED_CONVS.items():
         if isinstance(module, cls):
             return reason
-    if isinstance(module, nn.Conv2d) and type(module) not in MASK_SAFE_CONVS:
-        if type(module).forward is not nn.Conv2d.forward and not _output_is_linear_in_weight(module):
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    if isinstance(module, nn.Conv2d) and cls not in MASK_SAFE_CONVS:
+        if cls.forward is not nn.Conv2d.forward and not _output_is_linear_in_weight(module):
             return "its forward is not linear in its weight (the stripe mask would not hold); left dense"
     return None
+
+
+def _is_other_conv(module: nn.Module) -> bool:
+    """A convolution-like layer (``kernel_size`` and a weight) that is not 2-D ``nn.Conv2d`` (e.g. timm
+    ``CondConv2d``, ``nn.ConvTranspose2d``, ``nn.Conv1d``)."""
+    weight = getattr(module, "weight", None)
+    return hasattr(module, "kernel_size") and isinstance(weight, torch.Tensor) and weight.dim() >= 2
 
 
 def attach_skeletons(
@@ -117,15 +124,22 @@ def attach_skeletons(
 ) -> Tuple[Dict[str, FilterSkeleton], Dict[str, str]]:
     """Attach a :class:`FilterSkeleton` (init 1) to every eligible conv of ``model`` not in ``ignored``.
 
+    Weight-standardised convs are first replaced by plain convs (:func:`unfold_standardization`).
     Returns ``(skeletons, skipped)``: qualified conv name -> FS parametrization module, and qualified
     name -> reason for each conv left without one.
     """
+    unfold_standardization(model, ignored)
     ignored_ids = {id(m) for m in ignored}
     skeletons: Dict[str, FilterSkeleton] = {}
     skipped: Dict[str, str] = {}
     seen = set()
     for name, module in model.named_modules():
-        if _layout(module) is None or id(module) in seen:
+        if id(module) in seen:
+            continue
+        if _layout(module) is None:
+            if _is_other_conv(module):  # a conv-like layer we cannot stripe-prune: say so
+                seen.add(id(module))
+                skipped[name] = f"{type(module).__name__} is not an nn.Conv2d (no stripe layout); left dense"
             continue
         seen.add(id(module))
         if id(module) in ignored_ids:
@@ -153,17 +167,41 @@ def attach_channel_mask(module: nn.Module, tensor_name: str) -> ChannelMask:
 def detach_skeletons(model: nn.Module, merge: bool = True) -> int:
     """Remove every Filter Skeleton and channel mask of swp_plugin from ``model``.
 
-    ``merge=True`` bakes them into the weights (``W <- W * FS * alive``, masked norm params); ``merge=False``
-    restores the original tensors, as if no skeleton had been attached. Returns the number of tensors freed.
+    ``merge=True`` bakes them into the weights (``W <- W * FS * alive``, masked norm params; a weight
+    standardisation is baked in too, leaving a plain conv); ``merge=False`` restores the original tensors, as
+    if no skeleton had been attached (a standardised conv keeps its standardisation parametrization).
+    Returns the number of tensors freed.
     """
-    ours = (FilterSkeleton, ChannelMask)
+    ours = (FilterSkeleton, ChannelMask, WeightStandardization)
     count = 0
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
         for tensor_name in list(module.parametrizations.keys()):
-            if all(isinstance(p, ours) for p in module.parametrizations[tensor_name]):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=merge)
-                count += 1
+            chain = list(module.parametrizations[tensor_name])
+            if not all(isinstance(p, ours) for p in chain) or not any(
+                    isinstance(p, (FilterSkeleton, ChannelMask)) for p in chain):
+                continue
+            parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=merge)
+            if not merge:
+                for p in chain:
+                    if isinstance(p, WeightStandardization):
+                        parametrize.register_parametrization(module, tensor_name, p)
+            count += 1
     return count
+
+
+def skeleton_of(module: nn.Module) -> FilterSkeleton:
+    """The :class:`FilterSkeleton` in the weight parametrizations of ``module``."""
+    return next(p for p in module.parametrizations["weight"] if isinstance(p, FilterSkeleton))
+
+
+def skeleton_input(module: nn.Module) -> torch.Tensor:
+    """The weight the Filter Skeleton multiplies (after a weight standardisation, if any)."""
+    weight = module.parametrizations["weight"].original
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, FilterSkeleton):
+            return weight
+        weight = p(weight)
+    return weight
 
