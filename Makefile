@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint test-all
+.PHONY: setup run quickstart test lint test-all
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,11 @@ $(VENV)/.installed: pyproject.toml
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; fi
 	touch $@
 
+# the main job: baseline -> Network Slimming (torch-pruning) -> SWP on Fashion-MNIST, about 10 min on 2 cores
 run: setup
+	$(BIN)/python examples/continual_prune.py --json runs/continual_prune/result.json
+
+quickstart: setup
 	$(BIN)/python examples/quickstart.py
 
 test: setup

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.stripe_conv import StripeConv2d
-from ..pruning.graph import run_model
+from ..pruning.graph import run_with_hooks
 
 
 @torch.no_grad()
@@ -36,14 +36,8 @@ def _conv_macs(model: nn.Module, example_inputs) -> Dict[str, Dict]:
             * positions,
         }
 
-    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, (nn.Conv2d, StripeConv2d))]
-    was_training = model.training
-    try:
-        run_model(model.eval(), example_inputs)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, StripeConv2d))]
+    run_with_hooks(model, convs, record, example_inputs)
     return facts
 
 

@@ -6,7 +6,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterable, Iterator, List
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,20 @@ def run_model(model: nn.Module, inputs):
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)
     return model(inputs)
+
+
+@torch.no_grad()
+def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable, inputs) -> None:
+    """One eval-mode forward of ``inputs`` with ``hook`` as a forward hook on ``modules`` (train mode and
+    hooks restored afterwards)."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    try:
+        run_model(model.eval(), inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
 
 
 def flat_outputs(output) -> List[torch.Tensor]:

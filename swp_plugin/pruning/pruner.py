@@ -36,7 +36,7 @@ from ..skeleton.parametrizations import FilterSkeleton
 from ..skeleton.standardization import unfold_standardization
 from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
-from .graph import build_graph, flat_outputs, run_model, time_limit
+from .graph import build_graph, flat_outputs, run_model, run_with_hooks, time_limit
 from .importance import StripeImportance
 from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores
 
@@ -600,14 +600,7 @@ def _output_positions(model: nn.Module, layers: List[nn.Module], example_inputs)
     def record(module, inputs, output) -> None:
         sizes.setdefault(id(module), output.shape[-2] * output.shape[-1])
 
-    hooks = [m.register_forward_hook(record) for m in layers]
-    was_training = model.training
-    try:
-        run_model(model.eval(), example_inputs)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, layers, record, example_inputs)
     return [sizes.get(id(m), 0) for m in layers]
 
 
