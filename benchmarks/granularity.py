@@ -79,8 +79,8 @@ LABELS = {"swp": "SWP (stripes, FS)", "shape": "shape-wise (FS shared)", "group_
 
 PRESETS = {
     # CPU, about 15 minutes on 2 cores (1 torch thread): one small ResNet, 8 000 images
-    "quick": dict(nets="resnet20", width=0.5, subset=8000, test_subset=0, batch_size=64, epochs_baseline=5,
-                  epochs_sparse=2, epochs_finetune=1, targets="0.3,0.5,0.7"),
+    "quick": dict(nets="resnet20", width=0.5, subset=8000, test_subset=0, batch_size=64, epochs_baseline=6,
+                  epochs_sparse=4, epochs_finetune=2, targets="0.3,0.5,0.7"),
     # GPU: the paper's nets at full width, all 60 000 images
     "full": dict(nets="resnet56,vgg16_bn", width=1.0, subset=0, test_subset=0, batch_size=64, epochs_baseline=60,
                  epochs_sparse=30, epochs_finetune=30, targets="0.3,0.4,0.5,0.6,0.7,0.8"),
@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05, help="baseline and sparse training (cosine)")
     p.add_argument("--lr-finetune", type=float, default=0.01, help="fine-tuning (cosine)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--push-swp", type=float, default=3.0,
+    p.add_argument("--push-swp", type=float, default=4.0,
                    help="swp and shape: L1 push on the Filter Skeleton over the sparse training "
                         "(sr = push * (1 - momentum) / sum(lr))")
     p.add_argument("--renorm", type=int, choices=(0, 1), default=1,
