@@ -120,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--doc", nargs="?", const=str(DEFAULT_DOC), default=None, metavar="MD",
                    help=f"rewrite the section '{SECTION_TITLE[3:]}' of this file (default {DEFAULT_DOC.name})")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--render", action="store_true",
+                   help="no training: redraw --png and rewrite --doc from the results in --json")
     args = p.parse_args(argv)
     args.preset = "quick" if args.quick else "full"
     for key, value in PRESETS[args.preset].items():
@@ -416,6 +418,21 @@ def section(result: dict, png: str | os.PathLike, doc: str | os.PathLike, tie: f
              f"{args['push_gl']:g} (x mean stripe norm), slimming push {args['push_slim']:g}; one seed "
              f"({args['seed']}). Wall time {result['total_seconds'] / 60:.1f} min"
              f" ({result['threads']} thread(s), {args['device']}).", "",
+             "Methods (pruning strengths are MACs targets, reached within about 1 point for every method):", "",
+             "- SWP: `StripePruner` Filter Skeleton with L1 `sr`; at each target, stripes ranked by "
+             "`|FS| * ||W_stripe||` (layer-normalised) and the weakest killed until the MACs target is met, then "
+             "the exact `step()` (dead filters removed with their channels).",
+             "- shape-wise: `swp_plugin.baselines.ShapeWisePruner`, the same with one skeleton per layer shared by "
+             "its filters (gradients summed over filters), whole kernel positions ranked and killed; 1x1 convs dense.",
+             "- group lasso: `StripeGroupLasso`, penalty `sum ||W[o,:,i,j]||_2` on the weights' stripes; then "
+             "`StripePruner` target mode with untrained skeletons, i.e. stripes ranked by weight norm.",
+             "- L1 filter: plain training, then `tp.pruner.BasePruner` + `MagnitudeImportance(p=1)`, the same "
+             "channel ratio in every layer (coupled residual channels pruned together), ratio bisected to the target.",
+             "- Network Slimming: `tp.pruner.BNScalePruner` L1 on BatchNorm scales while training, then global "
+             "`|gamma|` ranking (at most 90% of a layer), ratio bisected to the target.",
+             "- every pruned model: filters scaled back to the baseline's RMS norm (`restore_filter_norms`, exact), "
+             "same fine-tuning. MACs and params (stripe indexes included) from `swp_plugin.count_ops_and_params`.",
+             "",
              f"![accuracy vs MACs]({png_rel})", ""]
     for net in nets:
         parts += [f"**{net}**", "", table(results, net), "",
@@ -442,8 +459,28 @@ def write_section(doc: str | os.PathLike, text: str) -> None:
     path.write_text(new)
 
 
+def render(args: argparse.Namespace, result: dict) -> None:
+    """Write the PNG and the doc section of ``result``, print the tables."""
+    results = result["results"]
+    if args.png:
+        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
+        plot(results, args.png, title=f"Fashion-MNIST, preset {result['args']['preset']}")
+        print(f"png -> {args.png}")
+    if args.doc:
+        write_section(args.doc, section(result, args.png or DEFAULT_PNG, args.doc))
+        print(f"section -> {args.doc}")
+    for net in dict.fromkeys(r["net"] for r in results):
+        print(f"\n{net}\n{table(results, net)}")
+        print("\n".join(verdicts(results, net, 0.5)))
+    print(f"total {result['total_seconds']:.0f}s")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.json).read_text())
+        render(args, result)
+        return result
     previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -465,17 +502,7 @@ def main(argv=None) -> dict:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         print(f"json -> {args.json}")
-    if args.png:
-        os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
-        plot(results, args.png, title=f"Fashion-MNIST, preset {args.preset}")
-        print(f"png -> {args.png}")
-    if args.doc:
-        write_section(args.doc, section(result, args.png or DEFAULT_PNG, args.doc))
-        print(f"section -> {args.doc}")
-    for net in dict.fromkeys(r["net"] for r in results):
-        print(f"\n{net}\n{table(results, net)}")
-        print("\n".join(verdicts(results, net, 0.5)))
-    print(f"total {result['total_seconds']:.0f}s")
+    render(args, result)
     return result
 
 
