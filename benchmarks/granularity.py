@@ -20,7 +20,9 @@ on Fashion-MNIST (Debian's ``dataset-fashion-mnist``):
    (``macs_reduction``; stripes ranked by ``|FS| * ||W_stripe||``, layer-normalised; shape: whole kernel positions;
    group lasso: FS = 1, i.e. stripe norms), ``l1_filter`` with ``tp.pruner.BasePruner`` +
    ``MagnitudeImportance(p=1)`` (same ratio in every layer), ``slimming`` with ``BNScalePruner`` (global
-   ranking, at most 90% of a layer), the channel ratio found by bisection to hit the MACs target;
+   ranking), the channel ratio found by bisection to hit the MACs target; the global rankings (all but
+   ``l1_filter``) prune at most ``--max-layer-ratio`` (0.9) of a layer, and the stripe methods leave 1x1 convs
+   (ResNet shortcuts) dense, as the reference code does (``--prune-pointwise 1`` to change it);
 4. every pruned model: filters scaled back to the baseline's norms (``restore_filter_norms``, exact), then
    ``--epochs-finetune`` epochs of fine-tuning (lr ``--lr-finetune`` cosine), test accuracy.
 
@@ -51,6 +53,7 @@ from swp_plugin.baselines import (
     ShapeWisePruner,
     StripeGroupLasso,
     l1_filter_pruner,
+    pointwise_convs,
     prune_channels_to_macs,
     slimming_pruner,
 )
@@ -112,6 +115,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--push-gl", type=float, default=0.5,
                    help="group lasso: push in units of the model's mean stripe norm at the start")
     p.add_argument("--push-slim", type=float, default=0.25, help="slimming: L1 push on the BatchNorm scales")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9,
+                   help="swp, shape, group_lasso, slimming (global rankings): at most this fraction of a layer's "
+                        "stripes / channels is pruned")
+    p.add_argument("--prune-pointwise", type=int, choices=(0, 1), default=0,
+                   help="1: the stripe methods prune 1x1 convs too (default 0: left dense, as the reference code "
+                        "does with ResNet shortcuts)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
@@ -182,6 +191,11 @@ def dense_backend(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------- methods
+def stripe_ignored(args: argparse.Namespace, model: nn.Module) -> List[nn.Module]:
+    """What the stripe methods leave alone: the classifier, and 1x1 convs unless ``--prune-pointwise 1``."""
+    return [classifier_of(model)] + ([] if args.prune_pointwise else pointwise_convs(model))
+
+
 # Each method: (bench, baseline) -> (trained model, prune(model copy, target) -> pruned model, details).
 
 
@@ -192,7 +206,7 @@ def _skeleton_method(cls):
         model = copy.deepcopy(baseline)
         norms = feeding_batchnorms(model, bench.example) if args.renorm else {}
         pruner = cls(model, bench.example, sr=sr, macs_reduction=args.targets[0],
-                     ignored_layers=[classifier_of(model)])
+                     max_pruning_ratio=args.max_layer_ratio, ignored_layers=stripe_ignored(args, model))
         bench.train(model, args.epochs_sparse, args.lr, f"{cls.__name__} sparse",
                     after_backward=lambda: pruner.regularize(model),
                     after_step=(lambda opt: renormalize_skeletons(pruner, norms, opt)) if norms else None)
@@ -200,7 +214,8 @@ def _skeleton_method(cls):
 
         def prune(target: float) -> nn.Module:
             pruned = copy.deepcopy(baseline)
-            fresh = cls(pruned, bench.example, sr=sr, macs_reduction=target, ignored_layers=[classifier_of(pruned)])
+            fresh = cls(pruned, bench.example, sr=sr, macs_reduction=target, max_pruning_ratio=args.max_layer_ratio,
+                        ignored_layers=stripe_ignored(args, pruned))
             pruned.load_state_dict(state)
             fresh.update_regularizer()
             fresh.step()  # exact: checked inside
@@ -214,13 +229,14 @@ def _skeleton_method(cls):
 def group_lasso(bench: Bench, baseline: nn.Module):
     args = bench.args
     model = copy.deepcopy(baseline)
-    lasso = StripeGroupLasso(model, 0.0, ignored_layers=[classifier_of(model)])
+    lasso = StripeGroupLasso(model, 0.0, ignored_layers=stripe_ignored(args, model))
     lasso.strength = sr_for_push(args.push_gl, args.lr, bench.steps(args.epochs_sparse)) * lasso.mean_stripe_norm()
     bench.train(model, args.epochs_sparse, args.lr, "group lasso sparse", after_backward=lasso.regularize)
 
     def prune(target: float) -> nn.Module:
         pruned = copy.deepcopy(model)
-        StripePruner(pruned, bench.example, macs_reduction=target, ignored_layers=[classifier_of(pruned)]).step()
+        StripePruner(pruned, bench.example, macs_reduction=target, max_pruning_ratio=args.max_layer_ratio,
+                     ignored_layers=stripe_ignored(args, pruned)).step()
         return pruned
 
     return model, prune, {"strength": lasso.strength}
@@ -246,14 +262,15 @@ def slimming(bench: Bench, baseline: nn.Module):
     args = bench.args
     model = copy.deepcopy(baseline)
     reg = sr_for_push(args.push_slim, args.lr, bench.steps(args.epochs_sparse))
-    pruner = slimming_pruner(model, bench.example, reg=reg, ignored_layers=[classifier_of(model)])
+    pruner = slimming_pruner(model, bench.example, reg=reg, ignored_layers=[classifier_of(model)],
+                             max_pruning_ratio=args.max_layer_ratio)
     bench.train(model, args.epochs_sparse, args.lr, "slimming sparse", after_backward=lambda: pruner.regularize(model))
 
     def prune(target: float) -> nn.Module:
         pruned = copy.deepcopy(model)
         ratio, _ = prune_channels_to_macs(
             pruned, bench.example,
-            lambda m, r: slimming_pruner(m, bench.example, r, reg, [classifier_of(m)]), target)
+            lambda m, r: slimming_pruner(m, bench.example, r, reg, [classifier_of(m)], args.max_layer_ratio), target)
         details["ratios"].append(round(ratio, 4))
         return pruned
 
@@ -430,6 +447,10 @@ def section(result: dict, png: str | os.PathLike, doc: str | os.PathLike, tie: f
              "channel ratio in every layer (coupled residual channels pruned together), ratio bisected to the target.",
              "- Network Slimming: `tp.pruner.BNScalePruner` L1 on BatchNorm scales while training, then global "
              "`|gamma|` ranking (at most 90% of a layer), ratio bisected to the target.",
+             f"- SWP, shape-wise and group lasso leave 1x1 convs (ResNet shortcuts) dense"
+             f"{' (here: pruned, --prune-pointwise 1)' if args.get('prune_pointwise') else ''}, as the reference "
+             f"code does; the global rankings (SWP, shape-wise, group lasso, slimming) prune at most "
+             f"{100 * args.get('max_layer_ratio', 0.9):.0f}% of a layer.",
              "- every pruned model: filters scaled back to the baseline's RMS norm (`restore_filter_norms`, exact), "
              "same fine-tuning. MACs and params (stripe indexes included) from `swp_plugin.count_ops_and_params`.",
              "",

@@ -28,7 +28,12 @@ from .pruning import StripePruner
 
 
 def _pointwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+    return isinstance(module, (nn.Conv2d, StripeConv2d)) and tuple(module.kernel_size) == (1, 1)
+
+
+def pointwise_convs(model: nn.Module) -> List[nn.Module]:
+    """The 1x1 convs of ``model`` (e.g. ResNet shortcuts), which the reference SWP code leaves unpruned."""
+    return [m for m in model.modules() if _pointwise(m)]
 
 
 class ShapeWisePruner(StripePruner):
@@ -50,8 +55,7 @@ class ShapeWisePruner(StripePruner):
                  prune_pointwise: bool = False, **kwargs) -> None:
         ignored = list(ignored_layers or ())
         if not prune_pointwise:
-            ignored += [m for m in model.modules() if _pointwise(m) or (isinstance(m, StripeConv2d) and
-                                                                       tuple(m.kernel_size) == (1, 1))]
+            ignored += pointwise_convs(model)
         super().__init__(model, example_inputs, ignored_layers=ignored, **kwargs)
 
     @torch.no_grad()
