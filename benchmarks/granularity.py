@@ -498,7 +498,7 @@ def render(args: argparse.Namespace, result: dict) -> None:
     if args.png:
         os.makedirs(os.path.dirname(os.path.abspath(args.png)), exist_ok=True)
         a = result["args"]
-        plot(results, args.png, title=f"Fashion-MNIST ({a['subset'] or 60000} training images), preset {a['preset']}, "
+        plot(results, args.png, title=f"Fashion-MNIST ({a['subset'] or 60000} training images), preset {a['preset']},\n"
              f"width {a['width']:g}; epochs: baseline {a['epochs_baseline']}, sparse {a['epochs_sparse']}, "
              f"fine-tune {a['epochs_finetune']}")
         print(f"png -> {args.png}")
