@@ -38,7 +38,7 @@ from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
 from .graph import build_graph, flat_outputs, run_model, run_with_hooks, time_limit
 from .importance import StripeImportance
-from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores
+from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores, unit_scores
 
 #: torch-pruning options used to trace the graph; the others of BasePruner are kept in ``pruner.options``.
 _GRAPH_OPTIONS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
@@ -411,13 +411,22 @@ class StripePruner(tp.pruner.BasePruner):
         weights = [skeleton_input(modules[n]) for n in self._names]
         scores = stripe_scores([f.skeleton for f in fs], weights, [f.alive for f in fs])
         costs = self._stripe_costs(metric)
+        units = self._kill_units()
+        if units is not None:  # coarser granularity: rank and kill groups of stripes
+            scores, sizes = unit_scores(scores, units)
+            costs = [size * cost for size, cost in zip(sizes, costs)]
         layers, flats, cost = ranked_candidates(scores, costs, self.max_pruning_ratio)
         dense = self.dense_counts[0 if metric == "macs" else 1]
-        shapes = [f.alive.shape for f in fs]
+        shapes = [s.shape for s in scores]
+
+        def kills(k: int) -> List[torch.Tensor]:
+            masks = kill_masks(shapes, layers, flats, k)
+            return masks if units is None else [m[u.to(torch.long).cpu()] for m, u in zip(masks, units)]
+
         probes = _probe_inputs(self.example_inputs)
 
         def measure(k: int) -> float:
-            counts = self._rehearsed_counts(kill_masks(shapes, layers, flats, k), probes)
+            counts = self._rehearsed_counts(kills(k), probes)
             return 1.0 - counts[0 if metric == "macs" else 1] / dense
 
         start = measure(0)
@@ -429,12 +438,18 @@ class StripePruner(tp.pruner.BasePruner):
                 f"max_pruning_ratio={self.max_pruning_ratio:g} gives {reachable:.3f} (ignored layers and "
                 "non-conv layers keep the rest). Lower the target or raise max_pruning_ratio."
             )
-        for name, kill in zip(self._names, kill_masks(shapes, layers, flats, k)):
+        for name, kill in zip(self._names, kills(k)):
             self._kill_stripes(name, self._skeleton(name).alive & ~kill.to(self._skeleton(name).alive.device))
         self.target_history.append((goal, reached))
         if abs(reached - goal) > 0.03:
             warnings.warn(f"StripePruner: reached {metric}_reduction {reached:.3f} for a target of {goal:.3f} "
                           "(the closest the stripe granularity allows)", stacklevel=3)
+
+    def _kill_units(self) -> List[torch.Tensor] | None:
+        """Per skeleton layer, FS-shaped ids of the groups of stripes a target kills together; ``None``: each
+        stripe on its own (SWP). A subclass sets a coarser granularity (``swp_plugin.baselines.ShapeWisePruner``:
+        one kernel position across all filters of a layer)."""
+        return None
 
     def _stripe_costs(self, metric: str) -> List[float]:
         """Per skeleton layer, what one stripe costs: ``C_in/groups`` params, times output positions for MACs."""

@@ -35,9 +35,28 @@ def stripe_scores(skeletons: Sequence[torch.Tensor], weights: Sequence[torch.Ten
     return scores
 
 
-def ranked_candidates(scores: List[torch.Tensor], costs: Sequence[float], max_ratio: float
+def unit_scores(scores: List[torch.Tensor], units: Sequence[torch.Tensor]
+                ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Scores of kill units (groups of stripes that die together, e.g. one kernel position across all filters
+    of a layer for shape-wise pruning). ``units``: per layer, FS-shaped ids in ``[0, n)``. A unit's score is
+    the sum of its stripes' scores (``inf`` if one is dead), mean-normalised over the layer's units.
+    Returns ``(scores, sizes)``: per layer ``(n,)`` tensors."""
+    grouped, sizes = [], []
+    for score, unit in zip(scores, units):
+        ids = unit.flatten().to(torch.long).cpu()
+        n = int(ids.max()) + 1 if ids.numel() else 0
+        total = torch.zeros(n).index_add_(0, ids, score.flatten().float().cpu())
+        finite = torch.isfinite(total)
+        mean = total[finite].mean() if finite.any() else torch.tensor(1.0)
+        grouped.append(total / (mean if mean > 0 else 1.0))
+        sizes.append(torch.bincount(ids, minlength=n).float())
+    return grouped, sizes
+
+
+def ranked_candidates(scores: List[torch.Tensor], costs: Sequence[float | torch.Tensor], max_ratio: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Alive stripes in kill order, honouring the per-layer cap: ``(layer index, flat index, cost)``."""
+    """Alive stripes (or units) in kill order, honouring the per-layer cap: ``(layer index, flat index, cost)``.
+    ``costs``: per layer, the cost of one entry (a number) or of each entry (a tensor shaped like the scores)."""
     layers, flats, values, cost = [], [], [], []
     for i, score in enumerate(scores):
         flat = score.flatten()
@@ -49,7 +68,10 @@ def ranked_candidates(scores: List[torch.Tensor], costs: Sequence[float], max_ra
         layers.append(torch.full((len(order),), i, dtype=torch.long))
         flats.append(order)
         values.append(flat[order])
-        cost.append(torch.full((len(order),), float(costs[i])))
+        if isinstance(costs[i], torch.Tensor):
+            cost.append(costs[i].flatten().float().cpu()[order])
+        else:
+            cost.append(torch.full((len(order),), float(costs[i])))
     if not layers:
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros(0)
