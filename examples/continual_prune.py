@@ -65,10 +65,10 @@ from swp_plugin.training import evaluate, fit
 #: 10 at 50% and 75%, sr 1e-5, threshold 0.05, CIFAR-style augmentation) for a GPU.
 PRESETS = {
     "cpu": dict(
-        model="vgg16_bn", width=0.25, subset=12000, batch_size=64, lr=0.05, lr_finetune=0.01,
+        model="vgg16_bn", width=0.25, subset=20000, batch_size=64, lr=0.05, lr_finetune=0.01,
         schedule="cosine", weight_decay=1e-4, augment=False, epochs_baseline=8, epochs_sparse=3,
         slim_reg="auto", slim_push=0.25, gbn_steps=3, epochs_gbn_step=1, prune_ratio=0.4,
-        epochs_first_finetune=3, sr="auto", renorm=1, push=None, threshold=0.05, epochs_swp=4, epochs_finetune=3,
+        epochs_first_finetune=3, sr="auto", renorm=1, push=None, threshold=0.05, epochs_swp=4, epochs_finetune=5,
     ),
     "paper": dict(
         model="vgg16_bn", width=1.0, subset=None, batch_size=64, lr=0.1, lr_finetune=0.1,
