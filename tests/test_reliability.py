@@ -208,6 +208,29 @@ def test_failure_half_way(monkeypatch):
     assert _untouched(model)
 
 
+@case("group-search-fails",
+      "a channel group torch-pruning cannot build (error or over 2 s) keeps its dead channels; stripes are pruned, "
+      "exactly, and one warning names what was skipped")
+def test_group_search_fails(monkeypatch):
+    import torch_pruning as tp
+
+    model, x, pruner = _setup()
+    randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
+    original = tp.DependencyGraph.get_pruning_group
+
+    def failing(self, module, fn, idxs):
+        if module is self.model.layers[0].conv1:  # in every graph: of the rehearsal copies and of the model
+            raise IndexError("index 7 is out of bounds")
+        return original(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", failing)
+    with pytest.warns(UserWarning, match=r"channel cleanup skipped in 1 place\(s\).*layers\.0\.conv1: .*IndexError"):
+        before, after = outputs_around_step(model, pruner, x)
+    assert rel_err(before[0], after[0]) < 1e-4
+    assert isinstance(model.layers[0].conv1, StripeConv2d)
+    assert any("IndexError" in n for n in pruner.notes)
+
+
 @case("determinism", "same model, seed and inputs give the same pruned structure and outputs")
 def test_determinism():
     results = []

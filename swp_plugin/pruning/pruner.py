@@ -348,7 +348,8 @@ class StripePruner(tp.pruner.BasePruner):
         probes = _probe_inputs(self.example_inputs)
         with torch.no_grad():
             reference = [flat_outputs(run_model(model, p)) for p in probes]
-        plan, self.notes = self._rehearse(probes, reference)
+        plan, notes = self._rehearse(probes, reference)
+        self.notes += notes
         self._final_skeletons = dict(self.skeletons)
         self._final_sparsity = self.stripe_sparsity()
         self._merge(model)
@@ -367,6 +368,17 @@ class StripePruner(tp.pruner.BasePruner):
         model.train(was_training)
         if mismatch:
             raise RuntimeError(f"step() changed the model's outputs although its rehearsal did not: {mismatch}")
+        self._warn_skipped_cleanup()
+
+    def _warn_skipped_cleanup(self) -> None:
+        """One warning naming the channel cleanup torch-pruning could not do (the details are in ``notes``)."""
+        skipped = [n for n in self.notes if "torch-pruning" in n or "channel cleanup" in n]
+        if skipped:
+            warnings.warn(
+                f"StripePruner.step(): channel cleanup skipped in {len(skipped)} place(s), stripes pruned anyway "
+                f"(dead filters there stay as zero channels), e.g. {skipped[0]}. All of it: pruner.notes.",
+                stacklevel=3,
+            )
 
     def _rehearse(self, probes: List, reference) -> Tuple[NamedPlan, List[str]]:
         """Run merge, channel cleanup and conversion on copies; return the channel plan that keeps the
@@ -487,7 +499,7 @@ class StripePruner(tp.pruner.BasePruner):
             if failure is None:
                 return accepted + items
             if len(items) == 1:
-                notes.append(f"{items[0][0]}: channel group kept ({failure})")
+                notes.append(f"{items[0][0]}: channel group kept, its channel cleanup skipped ({failure})")
                 return accepted
             half = len(items) // 2
             return accept(accept(accepted, items[:half]), items[half:])
