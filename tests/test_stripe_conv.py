@@ -126,8 +126,13 @@ def test_remove_channels_matches_dense_slicing():
 
 def test_extra_repr_shows_strip_and_backend():
     conv, mask = _masked_conv(CASES[0])
-    text = repr(StripeConv2d.from_dense(conv, mask))
-    assert f"Strip(8, {int(mask.sum())})" in text and "backend=stripe" in text
+    layer = StripeConv2d.from_dense(conv, mask)
+    assert f"Strip(8, {int(mask.sum())})" in repr(layer) and "backend=auto)" in repr(layer)
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 9, 9))
+    assert f"backend=auto({layer.active_backend})" in repr(layer)
+    layer.backend = "dense"
+    assert "backend=dense)" in repr(layer)
 
 
 def test_state_dict_round_trip_refreshes_positions():

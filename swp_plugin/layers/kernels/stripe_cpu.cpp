@@ -1,0 +1,180 @@
+// Fast CPU stripe convolution (float32, inference): output-side shift-add with cache-sized tiles.
+//
+// For each tile (a few images, or a block of output rows of one image) and each stride phase:
+//   Y = W_phase (S_phase x C) @ X_phase_tile (C x T)          one BLAS sgemm, no im2col
+// then every output row is bias + the sum of its stripes' rows of Y, shifted by the stripe's kernel
+// offset (the tile's Y is still in cache). Stride s is handled by splitting the input into s*s phases
+// (polyphase), so a stripe reads its phase image with a stride-1 shift. Zero padding is the range clip.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace {
+
+struct Phase {
+  int64_t a, b, start, count, qy_min, qy_max, hph, wph;
+};
+
+struct Tile {
+  int64_t n0, nb, r0, r1;
+};
+
+// Column-major sgemm of row-major C(m x n) = A(m x k) @ B(k x n) with leading dims lda, ldb, ldc.
+inline void gemm_rowmajor(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                          float* c, int64_t ldc) {
+  const char no = 'N';
+  const float one = 1.f, zero = 0.f;
+  int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+  int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+  sgemm_(&no, &no, &in, &im, &ik, &one, b, &ib, a, &ia, &zero, c, &ic);
+}
+
+void run_tile(const Tile& t, const float* x, const float* w, const std::vector<Phase>& phases, const int64_t* ptr,
+              const int64_t* ent, const float* bias, float* out, int64_t C, int64_t H, int64_t W, int64_t O,
+              int64_t out_h, int64_t out_w, int64_t sh, int64_t sw, std::vector<float>& xbuf,
+              std::vector<float>& ybuf) {
+  const int64_t P = static_cast<int64_t>(phases.size());
+  std::vector<int64_t> u0(P), rows(P), cols(P), yoff(P);
+  int64_t ytotal = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    const Phase& ph = phases[p];
+    u0[p] = std::max<int64_t>(0, t.r0 + ph.qy_min);
+    const int64_t u1 = std::min<int64_t>(ph.hph, t.r1 - 1 + ph.qy_max + 1);
+    rows[p] = std::max<int64_t>(0, u1 - u0[p]);
+    cols[p] = t.nb * rows[p] * ph.wph;
+    yoff[p] = ytotal;
+    ytotal += ph.count * cols[p];
+  }
+  if (static_cast<int64_t>(ybuf.size()) < ytotal) ybuf.resize(ytotal);
+  for (int64_t p = 0; p < P; ++p) {
+    const Phase& ph = phases[p];
+    if (cols[p] == 0 || ph.count == 0) continue;
+    const float* bmat;
+    int64_t ldb;
+    if (sh == 1 && sw == 1 && t.nb == 1) {  // a view of the input: rows u0.. of image n0, all channels
+      bmat = x + t.n0 * C * H * W + u0[p] * W;
+      ldb = H * W;
+    } else {  // copy the phase rows of nb images into a (C x nb*rows*wph) buffer
+      if (static_cast<int64_t>(xbuf.size()) < C * cols[p]) xbuf.resize(C * cols[p]);
+      float* dst = xbuf.data();
+      for (int64_t c = 0; c < C; ++c) {
+        for (int64_t nl = 0; nl < t.nb; ++nl) {
+          const float* img = x + ((t.n0 + nl) * C + c) * H * W;
+          for (int64_t r = 0; r < rows[p]; ++r) {
+            const float* src = img + ((u0[p] + r) * sh + ph.a) * W + ph.b;
+            if (sw == 1) {
+              std::memcpy(dst, src, sizeof(float) * ph.wph);
+            } else {
+              for (int64_t v = 0; v < ph.wph; ++v) dst[v] = src[v * sw];
+            }
+            dst += ph.wph;
+          }
+        }
+      }
+      bmat = xbuf.data();
+      ldb = cols[p];
+    }
+    gemm_rowmajor(ph.count, cols[p], C, w + ph.start * C, C, bmat, ldb, ybuf.data() + yoff[p], cols[p]);
+  }
+  // shift-add: out[n, o, h, :] = bias[o] + sum over stripes e of o of Y_e[h + qy_e, : + qx_e]
+  for (int64_t nl = 0; nl < t.nb; ++nl) {
+    const int64_t n = t.n0 + nl;
+    for (int64_t o = 0; o < O; ++o) {
+      const float b0 = bias ? bias[o] : 0.f;
+      for (int64_t h = t.r0; h < t.r1; ++h) {
+        float* orow = out + ((n * O + o) * out_h + h) * out_w;
+        for (int64_t v = 0; v < out_w; ++v) orow[v] = b0;
+        for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
+          const int64_t* en = ent + 4 * e;  // local row, qy, qx, phase
+          const int64_t p = en[3];
+          const int64_t u = h + en[1] - u0[p];
+          if (u < 0 || u >= rows[p]) continue;
+          const int64_t qx = en[2], wph = phases[p].wph;
+          const float* yrow = ybuf.data() + yoff[p] + en[0] * cols[p] + (nl * rows[p] + u) * wph + qx;
+          const int64_t lo = std::max<int64_t>(0, -qx), hi = std::min<int64_t>(out_w, wph - qx);
+          for (int64_t v = lo; v < hi; ++v) orow[v] += yrow[v];
+        }
+      }
+    }
+  }
+}
+
+at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& phase_info_,
+                               const at::Tensor& ptr_, const at::Tensor& entries_, const std::optional<at::Tensor>& bias_,
+                               int64_t out_h, int64_t out_w, int64_t sh, int64_t sw, int64_t tile_pixels) {
+  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x: float32 CPU NCHW");
+  TORCH_CHECK(weight_.dim() == 2 && weight_.scalar_type() == at::kFloat, "weight: float32 (S, C)");
+  const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
+  const at::Tensor pinfo = phase_info_.contiguous(), ptr = ptr_.contiguous(), ent = entries_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = ptr.size(0) - 1;
+  TORCH_CHECK(w.size(1) == C, "weight has ", w.size(1), " input channels, x has ", C);
+  at::Tensor bias;
+  if (bias_.has_value() && bias_->defined()) bias = bias_->contiguous();
+  at::Tensor out = at::empty({N, O, out_h, out_w}, x.options());
+  if (N == 0 || out_h <= 0 || out_w <= 0) return out;
+
+  std::vector<Phase> phases;
+  const int64_t* pi = pinfo.data_ptr<int64_t>();
+  for (int64_t p = 0; p < pinfo.size(0); ++p) {
+    Phase ph{pi[6 * p], pi[6 * p + 1], pi[6 * p + 2], pi[6 * p + 3], pi[6 * p + 4], pi[6 * p + 5], 0, 0};
+    ph.hph = H > ph.a ? (H - ph.a + sh - 1) / sh : 0;
+    ph.wph = W > ph.b ? (W - ph.b + sw - 1) / sw : 0;
+    phases.push_back(ph);
+  }
+  // tiles: whole images (several when they are small) or row blocks of one image, at least one per thread
+  const int64_t threads = at::get_num_threads();
+  const int64_t img = out_h * out_w;
+  int64_t nb = 1, rows = out_h;
+  if (img >= tile_pixels) {
+    rows = std::max<int64_t>(1, tile_pixels / out_w);
+  } else {
+    nb = std::max<int64_t>(1, std::min<int64_t>(N, tile_pixels / img));
+  }
+  auto count = [&]() { return ((N + nb - 1) / nb) * ((out_h + rows - 1) / rows); };
+  if (count() < threads && nb > 1) nb = std::max<int64_t>(1, (N + threads - 1) / threads);
+  if (count() < threads && nb == 1 && out_h > 1) {
+    const int64_t blocks = std::min<int64_t>(out_h, (threads + N - 1) / N);
+    rows = (out_h + blocks - 1) / blocks;
+  }
+  std::vector<Tile> tiles;
+  for (int64_t n0 = 0; n0 < N; n0 += nb)
+    for (int64_t r0 = 0; r0 < out_h; r0 += rows)
+      tiles.push_back({n0, std::min(nb, N - n0), r0, std::min(out_h, r0 + rows)});
+
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  const int64_t* pp = ptr.data_ptr<int64_t>();
+  const int64_t* ep = ent.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t ntiles = static_cast<int64_t>(tiles.size());
+  if (ntiles == 1) {  // one tile: let BLAS use the threads
+    std::vector<float> xbuf, ybuf;
+    run_tile(tiles[0], xp, wp, phases, pp, ep, bp, op, C, H, W, O, out_h, out_w, sh, sw, xbuf, ybuf);
+    return out;
+  }
+  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf, ybuf;
+    for (int64_t i = begin; i < end; ++i)
+      run_tile(tiles[i], xp, wp, phases, pp, ep, bp, op, C, H, W, O, out_h, out_w, sh, sw, xbuf, ybuf);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(swp_stripe, m) {
+  m.def("forward(Tensor x, Tensor weight, Tensor phase_info, Tensor ptr, Tensor entries, Tensor? bias, "
+        "int out_h, int out_w, int sh, int sw, int tile_pixels) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(swp_stripe, CPU, m) { m.impl("forward", &stripe_conv_forward); }
