@@ -103,6 +103,7 @@ class StripePlan:
     phase_info: torch.Tensor
     ptr: torch.Tensor
     entries: torch.Tensor
+    packed: tuple | None = None
 
 
 def make_plan(
@@ -151,10 +152,22 @@ def tile_pixels(num_stripes: int, in_channels: int) -> int:
     return max(64, min(4096, (1 << 17) // max(1, num_stripes + in_channels)))
 
 
-def _forward(x, weight, bias, plan: StripePlan, out_hw, stride) -> torch.Tensor:
+def packed_weight(weight: torch.Tensor, plan: StripePlan) -> torch.Tensor:
+    """``weight`` in the kernel's layout; cached in ``plan`` until the weight changes (inference only)."""
+    key = (weight.data_ptr(), weight._version, weight.shape)
+    if plan.packed is not None and plan.packed[0] == key:
+        return plan.packed[1]
     w = weight if plan.perm is None else weight.index_select(0, plan.perm.to(weight.device))
+    with torch.no_grad():
+        packed = torch.ops.swp_stripe.pack(w.detach(), plan.phase_info)
+    plan.packed = (key, packed)
+    return packed
+
+
+def _forward(x, weight, bias, plan: StripePlan, out_hw, stride) -> torch.Tensor:
     return torch.ops.swp_stripe.forward(
-        x, w, plan.phase_info, plan.ptr, plan.entries, bias, out_hw[0], out_hw[1], stride[0], stride[1],
+        x, packed_weight(weight, plan), plan.phase_info, plan.ptr, plan.entries,
+        None if bias is None else bias.detach(), out_hw[0], out_hw[1], stride[0], stride[1],
         tile_pixels(weight.shape[0], weight.shape[1]),
     )
 
