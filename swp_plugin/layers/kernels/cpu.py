@@ -148,8 +148,8 @@ def make_plan(
 
 
 def tile_pixels(num_stripes: int, in_channels: int) -> int:
-    """Output pixels per tile: the tile's GEMM operands (``(S + C) x T`` floats) stay within ~512 KB."""
-    return max(64, min(4096, (1 << 17) // max(1, num_stripes + in_channels)))
+    """Output pixels per tile: the tile's GEMM operands (``(S + C) x T`` floats) stay within ~1 MB."""
+    return max(64, min(4096, (1 << 18) // max(1, num_stripes + in_channels)))
 
 
 def packed_weight(weight: torch.Tensor, plan: StripePlan) -> torch.Tensor:

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -27,6 +28,8 @@ namespace {
 struct Phase {
   int64_t a, b, start, count, qy_min, qy_max, hph, wph;
 };
+
+constexpr int64_t kMargin = 64;  // zero floats before and after the GEMM output buffer
 
 struct Tile {
   int64_t n0, nb, r0, r1;
@@ -88,6 +91,34 @@ inline void gemm_packed(int64_t rows, int64_t n, int64_t C, const float* wpk, co
 constexpr int64_t MR = 1;
 #endif
 
+// dst[i] += src[i], i < len
+inline void add_row(float* dst, const float* src, int64_t len) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), _mm512_loadu_ps(src + i)));
+  if (i < len) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (len - i)) - 1);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + i), _mm512_maskz_loadu_ps(m, src + i)));
+  }
+#else
+  for (int64_t i = 0; i < len; ++i) dst[i] += src[i];
+#endif
+}
+
+// dst[i] += src[i] where bit i of the pattern is set, i < len (pattern: one 16-bit word per 16 floats)
+inline void add_masked(float* dst, const float* src, const uint16_t* pattern, int64_t len) {
+#if defined(__AVX512F__)
+  for (int64_t i = 0, c = 0; i < len; i += 16, ++c) {
+    const __mmask16 m = len - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - i)) - 1);
+    const __m512 d = _mm512_maskz_loadu_ps(m, dst + i);
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_add_ps(d, _mm512_maskz_loadu_ps(pattern[c] & m, src + i)));
+  }
+#else
+  for (int64_t i = 0; i < len; ++i)
+    if ((pattern[i / 16] >> (i % 16)) & 1) dst[i] += src[i];
+#endif
+}
+
 // Weights of each phase in the layout the GEMM reads (row blocks of MR, k-major; plain rows for BLAS).
 at::Tensor pack_weight(const at::Tensor& weight_, const at::Tensor& phase_info_) {
   const at::Tensor w = weight_.contiguous(), pinfo = phase_info_.contiguous();
@@ -125,7 +156,8 @@ void run_tile(const Tile& t, const float* x, const float* w, const std::vector<P
     yoff[p] = ytotal;
     ytotal += ph.count * cols[p];
   }
-  if (static_cast<int64_t>(ybuf.size()) < ytotal) ybuf.resize(ytotal);
+  // Y lives at ybuf + kMargin: the narrow shift-add reads up to kMargin floats past a stripe's rows
+  if (static_cast<int64_t>(ybuf.size()) < ytotal + 2 * kMargin) ybuf.resize(ytotal + 2 * kMargin, 0.f);
   for (int64_t p = 0; p < P; ++p) {
     const Phase& ph = phases[p];
     if (cols[p] == 0 || ph.count == 0) continue;
@@ -155,28 +187,45 @@ void run_tile(const Tile& t, const float* x, const float* w, const std::vector<P
       ldb = cols[p];
     }
 #if defined(__AVX512F__)
-    gemm_packed(ph.count, cols[p], C, w + woff[p], bmat, ldb, ybuf.data() + yoff[p], cols[p]);
+    gemm_packed(ph.count, cols[p], C, w + woff[p], bmat, ldb, ybuf.data() + kMargin + yoff[p], cols[p]);
 #else
-    gemm_rowmajor(ph.count, cols[p], C, w + woff[p], C, bmat, ldb, ybuf.data() + yoff[p], cols[p]);
+    gemm_rowmajor(ph.count, cols[p], C, w + woff[p], C, bmat, ldb, ybuf.data() + kMargin + yoff[p], cols[p]);
 #endif
   }
   // shift-add: out[n, o, h, :] = bias[o] + sum over stripes e of o of Y_e[h + qy_e, : + qx_e]
+  // Narrow images (out_w < 32, same width as Y): one flat add over the stripe's rows, the columns that
+  // would wrap around a row edge masked out by a per-shift pattern; wide ones: row by row.
+  const float* Y = ybuf.data() + kMargin;
+  const int64_t tile_len = (t.r1 - t.r0) * out_w;
+  const bool narrow = out_w < 32;
+  std::vector<std::vector<uint16_t>> patterns;
   for (int64_t nl = 0; nl < t.nb; ++nl) {
     const int64_t n = t.n0 + nl;
     for (int64_t o = 0; o < O; ++o) {
       const float b0 = bias ? bias[o] : 0.f;
-      for (int64_t h = t.r0; h < t.r1; ++h) {
-        float* orow = out + ((n * O + o) * out_h + h) * out_w;
-        for (int64_t v = 0; v < out_w; ++v) orow[v] = b0;
-        for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
-          const int64_t* en = ent + 4 * e;  // local row, qy, qx, phase
-          const int64_t p = en[3];
-          const int64_t u = h + en[1] - u0[p];
-          if (u < 0 || u >= rows[p]) continue;
-          const int64_t qx = en[2], wph = phases[p].wph;
-          const float* yrow = ybuf.data() + yoff[p] + en[0] * cols[p] + (nl * rows[p] + u) * wph + qx;
-          const int64_t lo = std::max<int64_t>(0, -qx), hi = std::min<int64_t>(out_w, wph - qx);
-          for (int64_t v = lo; v < hi; ++v) orow[v] += yrow[v];
+      float* oimg = out + ((n * O + o) * out_h + t.r0) * out_w;
+      for (int64_t i = 0; i < tile_len; ++i) oimg[i] = b0;
+      for (int64_t e = ptr[o]; e < ptr[o + 1]; ++e) {
+        const int64_t* en = ent + 4 * e;  // local row, qy, qx, phase
+        const int64_t p = en[3], qy = en[1], qx = en[2], wph = phases[p].wph;
+        const int64_t h_lo = std::max<int64_t>(t.r0, u0[p] - qy);
+        const int64_t h_hi = std::min<int64_t>(t.r1, u0[p] + rows[p] - qy);
+        const int64_t lo = std::max<int64_t>(0, -qx), hi = std::min<int64_t>(out_w, wph - qx);
+        if (h_lo >= h_hi || lo >= hi) continue;
+        const float* ysrc = Y + yoff[p] + en[0] * cols[p] + (nl * rows[p] + h_lo + qy - u0[p]) * wph + qx;
+        float* odst = oimg + (h_lo - t.r0) * out_w;
+        if (narrow && wph == out_w && qx >= -kMargin && qx <= kMargin) {
+          const int64_t key = qx + kMargin;
+          if (static_cast<int64_t>(patterns.size()) <= key) patterns.resize(key + 1);
+          std::vector<uint16_t>& pat = patterns[key];
+          if (pat.empty()) {
+            pat.assign((tile_len + 15) / 16, 0);
+            for (int64_t i = 0; i < tile_len; ++i)
+              if (i % out_w >= lo && i % out_w < hi) pat[i / 16] |= static_cast<uint16_t>(1u << (i % 16));
+          }
+          add_masked(odst, ysrc, pat.data(), (h_hi - h_lo) * out_w);
+        } else {
+          for (int64_t h = h_lo; h < h_hi; ++h, odst += out_w, ysrc += wph) add_row(odst + lo, ysrc + lo, hi - lo);
         }
       }
     }
