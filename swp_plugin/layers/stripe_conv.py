@@ -14,8 +14,8 @@ Backends (same function, exact up to float rounding; all differentiable):
   one GEMM of all stripes with the unshifted input, then each output channel sums its stripes' rows shifted
   by their kernel offsets. MACs ``S * C_in * H_out * W_out`` (strided convs via a polyphase split).
 * ``'stripe'``: pure PyTorch, exportable (ONNX, TorchScript, ``torch.compile``): for each kernel position a
-  1x1 convolution of the strided, shifted input window with that position's stripes, ``index_add`` into
-  their output channels.
+  1x1 convolution of the strided, shifted input window with that position's stripes, the partial sums
+  routed to their output channels by a 1x1 convolution with a 0/1 selection matrix (no scatter).
 * ``'dense'``: the stripes scattered into a dense kernel (cached in inference) and ``F.conv2d``.
 * ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
   against the stripe kernel (``'cpp'`` where it applies, else ``'stripe'``) picks the faster one, dense
@@ -258,6 +258,7 @@ class StripeConv2d(nn.Module):
         self._position_counts = [int(c) for c in counts[: kh * kw]]
         self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
         self._dense_cache: tuple | None = None
+        self._selection_cache: tuple | None = None
         self.choices.clear()
 
     # ------------------------------------------------------------------ forward
@@ -352,24 +353,42 @@ class StripeConv2d(nn.Module):
                                           self.dilation, pad, dense_index, self.kernel_size)
 
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch on the padded input: per kernel position one 1x1 conv of the strided, shifted window
+        with that position's stripes; the partial sums (stripe order) are concatenated and routed to their
+        output channels by a 1x1 conv with a 0/1 selection matrix (no scatter: exports to ONNX Conv/Slice/
+        Concat only, which onnxruntime runs well)."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         height, width = x.shape[-2:]
         out_h = (height - dh * (kh - 1) - 1) // sh + 1
         out_w = (width - dw * (kw - 1) - 1) // sw + 1
-        out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
         weight = self.weight  # read once: it may be parametrized (a Filter Skeleton in a second round)
-        start = 0
+        if self.num_stripes == 0:
+            out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        parts, start = [], 0
         for pos, count in enumerate(self._position_counts):
             if count == 0:
                 continue
             i, j = divmod(pos, kw)
             window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-            partial = F.conv2d(window, weight[start : start + count, :, None, None])
-            out = out.index_add(1, self.stripe_out[start : start + count], partial)
+            parts.append(F.conv2d(window, weight[start : start + count, :, None, None]))
             start += count
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        partial = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return F.conv2d(partial, self._selection(weight), self.bias)
+
+    def _selection(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(out, S, 1, 1)`` 0/1: stripe ``s`` feeds output channel ``stripe_out[s]`` (cached per device/dtype;
+        built in the graph while tracing, so that every trace is the same)."""
+        key = (weight.device, weight.dtype)
+        cached = getattr(self, "_selection_cache", None)
+        if cached is None or cached[0] != key or torch.jit.is_tracing():
+            sel = torch.zeros(self.out_channels, self.num_stripes, device=weight.device, dtype=weight.dtype)
+            sel[self.stripe_out, torch.arange(self.num_stripes, device=weight.device)] = 1
+            if torch.jit.is_tracing():
+                return sel[:, :, None, None]
+            cached = (key, sel[:, :, None, None])
+            self._selection_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         s = (
