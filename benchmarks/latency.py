@@ -291,12 +291,14 @@ def markdown(results: dict, args) -> str:
                              f"{r['kernel_ms']:.3f} | {r['auto_ms']:.3f} | x{r['dense_ms'] / r['auto_ms']:.2f} | "
                              f"{r['chose']} |")
             lines.append("")
-    lines += ["## What limits it", "", LIMITS, ""]
+    lines += ["## What limits it", "", limits_text(), ""]
     return "\n".join(lines)
 
 
-LIMITS = (Path(__file__).with_name("latency_limits.md").read_text().strip()
-          if Path(__file__).with_name("latency_limits.md").exists() else "")
+def limits_text() -> str:
+    """The hand-written analysis appended to docs/performance.md (benchmarks/latency_limits.md)."""
+    path = Path(__file__).with_name("latency_limits.md")
+    return path.read_text().strip() if path.exists() else ""
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -315,6 +317,7 @@ def main(argv: List[str] | None = None) -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "latency.json"))
     parser.add_argument("--md", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument("--no-docs", action="store_true", help="print only, write nothing")
+    parser.add_argument("--from-json", help="re-render --md from a results JSON written by an earlier run")
     args = parser.parse_args(argv)
     args.argv = ["python", "benchmarks/latency.py"] + (sys.argv[1:] if argv is None else list(argv))
     if args.quick:
@@ -323,7 +326,15 @@ def main(argv: List[str] | None = None) -> None:
     args.keep = [float(k) for k in args.keep.split(",")]
     args.batches = [int(b) for b in args.batches.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key, value in saved.pop("args").items():
+            setattr(args, key, value)
+        Path(args.md).write_text(markdown(saved, args) + "\n")
+        print(f"wrote {args.md}")
+        return
     results = run(args)
+    results["args"] = {"argv": args.argv, "detail_keep": args.detail_keep, "threads": args.threads}
     if args.no_docs:
         return
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
