@@ -288,3 +288,28 @@ def test_backend_is_validated_on_assignment():
     layer = StripeConv2d(4, 4, 3)
     with pytest.raises(ValueError, match="backend"):
         layer.backend = "fast"
+
+
+@pytest.mark.parametrize("backend", FORCED)
+def test_parametrized_weight_is_never_served_from_a_stale_cache(backend):
+    """A parametrized weight is a new tensor at every access (its memory may be reused): no cache hit."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = 1.0
+
+        def forward(self, w):
+            return w * self.s
+
+    conv, mask = _masked_conv(CASES[0])
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend)
+    scale = Scale()
+    parametrize.register_parametrization(layer, "weight", scale)
+    x = torch.randn(2, 8, 9, 9)
+    for mode in (torch.no_grad, torch.inference_mode):
+        for s in (1.0, 3.0, -2.0):
+            scale.s = s
+            with mode():
+                torch.testing.assert_close(layer(x), conv(x) * s, rtol=1e-4, atol=1e-4)

@@ -329,11 +329,13 @@ class StripeConv2d(nn.Module):
         weight = self.weight
         if torch.is_grad_enabled() and weight.requires_grad:
             return self.dense_weight()
-        key = (weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        if self._dense_cache is None or self._dense_cache[0] != key:
+        if weight.is_inference():  # e.g. a parametrized weight computed in inference mode: no version counter
+            return self.dense_weight()
+        cache = self._dense_cache  # (weight object, its version, dense kernel): a parametrized weight is a new
+        if cache is None or cache[0] is not weight or cache[1] != weight._version:  # tensor at each access
             with torch.no_grad():
-                self._dense_cache = (key, self.dense_weight().contiguous())
-        return self._dense_cache[1]
+                cache = self._dense_cache = (weight, weight._version, self.dense_weight().contiguous())
+        return cache[2]
 
     def _cpp_forward(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
         if self.padding_mode != "zeros" and any(pad):

@@ -153,14 +153,15 @@ def tile_pixels(num_stripes: int, in_channels: int) -> int:
 
 
 def packed_weight(weight: torch.Tensor, plan: StripePlan) -> torch.Tensor:
-    """``weight`` in the kernel's layout; cached in ``plan`` until the weight changes (inference only)."""
-    key = (weight.data_ptr(), weight._version, weight.shape)
-    if plan.packed is not None and plan.packed[0] == key:
-        return plan.packed[1]
+    """``weight`` in the kernel's layout; cached in ``plan`` while it is the same tensor object at the same
+    version (a parametrized weight is a new tensor at every access, so it is packed every time)."""
+    version = None if weight.is_inference() else weight._version  # inference tensors have no version
+    if plan.packed is not None and plan.packed[0] is weight and version is not None and plan.packed[1] == version:
+        return plan.packed[2]
     w = weight if plan.perm is None else weight.index_select(0, plan.perm.to(weight.device))
     with torch.no_grad():
         packed = torch.ops.swp_stripe.pack(w.detach(), plan.phase_info)
-    plan.packed = (key, packed)
+    plan.packed = (weight, version, packed) if version is not None else None
     return packed
 
 
