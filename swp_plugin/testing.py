@@ -73,3 +73,25 @@ def outputs_around_step(model: nn.Module, pruner, x: torch.Tensor, features: boo
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / max|a|."""
     return float((a - b).abs().max() / a.abs().max())
+
+
+def random_stripe_model(model: nn.Module, keep: float, seed: int = 0) -> nn.Module:
+    """Replace every ``groups=1`` ``nn.Conv2d`` of ``model`` (in place) by a ``StripeConv2d`` keeping a random
+    fraction ``keep`` of its stripes (each filter keeps at least one, so no channel goes). Returns ``model``.
+
+    The latency benchmark's stand-in for a trained skeleton; same weights as the dense model, masked.
+    """
+    from .layers.stripe_conv import StripeConv2d
+
+    gen = torch.Generator().manual_seed(seed)
+    for parent in list(model.modules()):
+        for name, conv in list(parent.named_children()):
+            if isinstance(conv, nn.Conv2d) and conv.groups == 1 and type(conv).forward is nn.Conv2d.forward:
+                out, _, kh, kw = conv.weight.shape
+                mask = torch.rand(out, kh, kw, generator=gen) < keep
+                empty = ~mask.view(out, -1).any(1)
+                mask.view(out, -1)[empty, torch.randint(kh * kw, (int(empty.sum()),), generator=gen)] = True
+                with torch.no_grad():
+                    conv.weight.mul_(mask[:, None].to(conv.weight))
+                setattr(parent, name, StripeConv2d.from_dense(conv, mask))
+    return model

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 
 from swp_plugin import StripeConv2d
+from swp_plugin.layers.kernels import cpu as cpu_kernel
 from swp_plugin.layers.stripe_conv import BACKENDS
+
+FORCED = ("stripe", "dense", "cpp")
+needs_cpp = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no compiled kernel: {cpu_kernel.build_error()}")
 
 CASES = [
     # in, out, kernel, stride, padding, dilation, bias, padding_mode, size
@@ -70,23 +74,27 @@ def test_timm_dynamic_same_padding(size):
     assert isinstance(layer.to_dense(), Conv2dSame)
 
 
-def test_batch_one_empty_positions_and_filter_without_stripes():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_one_empty_positions_and_filter_without_stripes(backend):
     conv = nn.Conv2d(6, 5, 3, padding=1, bias=True)
     mask = torch.zeros(5, 3, 3, dtype=torch.bool)
     mask[0, 1, 1] = mask[1, 0, 2] = mask[3, :, 0] = True  # filters 2 and 4 have no stripe, most positions empty
     with torch.no_grad():
         conv.weight.mul_(mask[:, None])
-    layer = StripeConv2d.from_dense(conv, mask)
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend)
     x = torch.randn(1, 6, 5, 7)
-    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
-    y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        y = layer(x)
     torch.testing.assert_close(y[0, 2], conv.bias[2].expand(5, 7).detach())
 
 
-def test_no_stripes_at_all_outputs_bias():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_stripes_at_all_outputs_bias(backend):
     conv = nn.Conv2d(3, 4, 3, padding=1)
-    layer = StripeConv2d.from_dense(conv, torch.zeros(4, 3, 3, dtype=torch.bool))
-    y = layer(torch.randn(2, 3, 6, 6))
+    layer = StripeConv2d.from_dense(conv, torch.zeros(4, 3, 3, dtype=torch.bool), backend=backend)
+    with torch.no_grad():
+        y = layer(torch.randn(2, 3, 6, 6))
     torch.testing.assert_close(y, conv.bias.detach().view(1, 4, 1, 1).expand(2, 4, 6, 6))
 
 
@@ -126,8 +134,13 @@ def test_remove_channels_matches_dense_slicing():
 
 def test_extra_repr_shows_strip_and_backend():
     conv, mask = _masked_conv(CASES[0])
-    text = repr(StripeConv2d.from_dense(conv, mask))
-    assert f"Strip(8, {int(mask.sum())})" in text and "backend=stripe" in text
+    layer = StripeConv2d.from_dense(conv, mask)
+    assert f"Strip(8, {int(mask.sum())})" in repr(layer) and "backend=auto)" in repr(layer)
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 9, 9))
+    assert f"backend=auto({layer.active_backend})" in repr(layer)
+    layer.backend = "dense"
+    assert "backend=dense)" in repr(layer)
 
 
 def test_state_dict_round_trip_refreshes_positions():
@@ -161,3 +174,142 @@ def test_matches_functional_conv_on_odd_sizes():
     layer = StripeConv2d.from_dense(conv)
     x = torch.randn(3, 3, 7, 5)
     torch.testing.assert_close(layer(x), F.conv2d(x, conv.weight, None, (3, 2), (0, 1)), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- backends: kernel tiling, fallback, auto
+LARGE = [
+    # in, out, kernel, stride, padding, dilation, bias, padding_mode, size, batch: several tiles / row blocks
+    (24, 40, 3, 1, 1, 1, True, "zeros", (37, 41), 5),
+    (16, 48, 3, 2, 1, 1, False, "zeros", (33, 30), 3),
+    (16, 20, 3, 3, 2, 2, True, "zeros", (29, 31), 2),
+    (8, 12, 5, 1, 2, 1, False, "zeros", (70, 66), 1),
+    (64, 96, 3, 1, 1, 1, False, "zeros", (4, 4), 40),
+    (64, 96, 3, 1, 1, 1, True, "zeros", (2, 3), 9),
+    (12, 16, (1, 7), 1, (0, 3), 1, False, "zeros", (15, 19), 2),
+    (12, 16, 3, 1, 0, 1, True, "zeros", (17, 16), 3),
+    (8, 10, 3, 2, 1, 1, True, "reflect", (21, 20), 2),
+]
+
+
+@pytest.mark.parametrize("backend", FORCED)
+@pytest.mark.parametrize("args", LARGE, ids=lambda a: "-".join(map(str, a[:8])) + f"-n{a[-1]}")
+@pytest.mark.parametrize("keep", [0.2, 0.6])
+def test_backends_on_larger_shapes_in_inference(args, backend, keep):
+    conv, mask = _masked_conv(args[:-1], 1 - keep)
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend).eval()
+    x = torch.randn(args[-1], args[0], *args[-2])
+    with torch.inference_mode():
+        y = layer(x)
+        torch.testing.assert_close(y, conv(x), rtol=1e-4, atol=1e-4)
+    expected = backend if backend != "cpp" or cpu_kernel.available() else "stripe"
+    assert layer.active_backend == expected
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_kernel_thread_counts_and_bias_free_single_tile(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for args in (CASES[0], CASES[2], LARGE[0][:-1], LARGE[4][:-1]):
+            conv, mask = _masked_conv(args)
+            layer = StripeConv2d.from_dense(conv, mask, backend="cpp")
+            for batch in (1, 2, 7):
+                x = torch.randn(batch, args[0], *args[-1])
+                with torch.no_grad():
+                    torch.testing.assert_close(layer(x), conv(x), rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_cpp_falls_back_to_pytorch_when_the_kernel_is_disabled():
+    conv, mask = _masked_conv(CASES[1])
+    layer = StripeConv2d.from_dense(conv, mask, backend="cpp")
+    x = torch.randn(2, 8, 11, 10)
+    cpu_kernel.set_enabled(False)
+    try:
+        assert not cpu_kernel.available()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        assert layer.active_backend == "stripe"
+        layer.backend = "auto"
+        with torch.no_grad():
+            layer(x)
+        assert set(layer.choices.values()) <= {"stripe", "dense"}
+    finally:
+        cpu_kernel.set_enabled(True)
+
+
+@needs_cpp
+def test_cpp_kernel_only_for_float32_cpu():
+    conv, mask = _masked_conv(CASES[0])
+    layer = StripeConv2d.from_dense(conv.double(), mask, backend="cpp")
+    x = torch.randn(1, 8, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), conv(x))
+    assert layer.active_backend == "stripe"
+
+
+def test_auto_picks_once_per_shape_and_records_the_choice(monkeypatch):
+    conv, mask = _masked_conv(CASES[0])
+    layer = StripeConv2d.from_dense(conv, mask)
+    assert layer.backend == "auto"
+    with torch.no_grad():
+        for batch in (1, 3, 1):
+            x = torch.randn(batch, 8, 9, 9)
+            torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert len(layer.choices) == 2
+    assert set(layer.choices.values()) <= {"dense", "cpp", "stripe"}
+    assert f"backend=auto({layer.active_backend})" in repr(layer)
+    monkeypatch.setenv("SWP_STRIPE_BACKEND", "dense")
+    with torch.no_grad():
+        layer(torch.randn(2, 8, 9, 9))
+    assert layer.active_backend == "dense" and len(layer.choices) == 2
+    monkeypatch.setenv("SWP_STRIPE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SWP_STRIPE_BACKEND"):
+        layer(torch.randn(2, 8, 9, 9))
+
+
+@pytest.mark.parametrize("backend", FORCED)
+def test_inference_caches_follow_in_place_weight_updates(backend):
+    conv, mask = _masked_conv(CASES[1])
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend)
+    x = torch.randn(2, 8, 11, 10)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2)
+        conv.weight.mul_(2)
+        torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+        layer.select_stripes(torch.arange(layer.num_stripes) % 2 == 0)
+        torch.testing.assert_close(layer(x), layer.to_dense()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_backend_is_validated_on_assignment():
+    layer = StripeConv2d(4, 4, 3)
+    with pytest.raises(ValueError, match="backend"):
+        layer.backend = "fast"
+
+
+@pytest.mark.parametrize("backend", FORCED)
+def test_parametrized_weight_is_never_served_from_a_stale_cache(backend):
+    """A parametrized weight is a new tensor at every access (its memory may be reused): no cache hit."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = 1.0
+
+        def forward(self, w):
+            return w * self.s
+
+    conv, mask = _masked_conv(CASES[0])
+    layer = StripeConv2d.from_dense(conv, mask, backend=backend)
+    scale = Scale()
+    parametrize.register_parametrization(layer, "weight", scale)
+    x = torch.randn(2, 8, 9, 9)
+    for mode in (torch.no_grad, torch.inference_mode):
+        for s in (1.0, 3.0, -2.0):
+            scale.s = s
+            with mode():
+                torch.testing.assert_close(layer(x), conv(x) * s, rtol=1e-4, atol=1e-4)

@@ -8,15 +8,27 @@ keeps ``S`` of the ``out * kh * kw`` stripes of a dense ``nn.Conv2d``:
 * ``stripe_pos``: ``(S,)`` int64, its kernel position ``i * kw + j``;
 * ``bias``: ``(out,)`` or ``None``.
 
-Forward (``backend='stripe'``): for each kernel position ``p = (i, j)`` that has stripes, a 1x1 convolution
-of the strided, shifted input window with the stripes of ``p`` (one GEMM per position), accumulated into
-their output channels. Its MACs are ``S * C_in * H_out * W_out``. ``backend='dense'`` instead scatters the
-stripes into a dense kernel and calls ``F.conv2d`` (same result; faster when few stripes are pruned).
+Backends (same function, exact up to float rounding; all differentiable):
+
+* ``'cpp'``: the compiled CPU kernel (:mod:`swp_plugin.layers.kernels.cpu`, float32): per cache-sized tile,
+  one GEMM of all stripes with the unshifted input, then each output channel sums its stripes' rows shifted
+  by their kernel offsets. MACs ``S * C_in * H_out * W_out`` (strided convs via a polyphase split).
+* ``'stripe'``: pure PyTorch, exportable (ONNX, TorchScript, ``torch.compile``): for each kernel position a
+  1x1 convolution of the strided, shifted input window with that position's stripes, the partial sums
+  routed to their output channels by a 1x1 convolution with a 0/1 selection matrix (no scatter).
+* ``'dense'``: the stripes scattered into a dense kernel (cached in inference) and ``F.conv2d``.
+* ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
+  against the stripe kernel (``'cpp'`` where it applies, else ``'stripe'``) picks the faster one, dense
+  unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
+  ``repr``. ``SWP_STRIPE_BACKEND=dense|stripe|cpp`` overrides ``'auto'`` everywhere (deterministic runs).
+  While tracing, exporting or compiling, ``'auto'`` uses the cached choice if it is ``'dense'``, else
+  ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import os
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,12 +36,17 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.modules.utils import _pair
 
+from .kernels import cpu as cpu_kernel
+from .kernels.select import fastest
 from .padding import PaddingSpec, dynamic_same_padding, static_padding
 
 #: Conv classes whose padding is TensorFlow-like 'SAME', computed from the input size at each forward.
 DYNAMIC_SAME_CONVS: Tuple[type, ...] = (Conv2dSame, Conv2dSameExport)
 
-BACKENDS = ("stripe", "dense")
+BACKENDS = ("auto", "stripe", "dense", "cpp")
+
+#: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
+MAX_CHOICES = 16
 
 
 def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
@@ -44,7 +61,8 @@ class StripeConv2d(nn.Module):
             ``nn.Conv2d`` (``padding`` may be ``'same'`` / ``'valid'``).
         num_stripes: number of kept stripes ``S``.
         same_dynamic: pad like timm's ``Conv2dSame`` (TF 'SAME', depends on the input size).
-        backend: ``'stripe'`` (default) or ``'dense'``.
+        backend: ``'auto'`` (default), ``'cpp'``, ``'stripe'`` or ``'dense'`` (see the module docstring);
+            may be reassigned at any time (``layer.backend = 'dense'``).
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
     """
@@ -61,13 +79,11 @@ class StripeConv2d(nn.Module):
         padding_mode: str = "zeros",
         num_stripes: int = 0,
         same_dynamic: bool = False,
-        backend: str = "stripe",
+        backend: str = "auto",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -77,6 +93,7 @@ class StripeConv2d(nn.Module):
         self.dilation = _pair(dilation)
         self.padding_mode = padding_mode
         self.same_dynamic = same_dynamic
+        self.choices: Dict[tuple, str] = {}
         self.backend = backend
         self.weight = nn.Parameter(torch.zeros(num_stripes, in_channels, **factory))
         self.bias = nn.Parameter(torch.zeros(out_channels, **factory)) if bias else None
@@ -88,7 +105,7 @@ class StripeConv2d(nn.Module):
     # ------------------------------------------------------------------ construction / conversion
     @classmethod
     def from_dense(
-        cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: str = "stripe"
+        cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: str = "auto"
     ) -> StripeConv2d:
         """Build from a dense conv, keeping the stripes where ``mask`` (``(out, kh, kw)`` bool) is True.
 
@@ -156,6 +173,24 @@ class StripeConv2d(nn.Module):
                 conv.bias.copy_(self.bias)
         return conv
 
+    # ------------------------------------------------------------------ backend
+    @property
+    def backend(self) -> str:
+        """Requested backend: ``'auto'``, ``'cpp'``, ``'stripe'`` or ``'dense'``."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+        self.choices.clear()
+
+    @property
+    def active_backend(self) -> str:
+        """The backend the last forward used (the requested one before any forward)."""
+        return getattr(self, "_last_backend", None) or self._backend
+
     # ------------------------------------------------------------------ structure
     @property
     def num_stripes(self) -> int:
@@ -216,10 +251,15 @@ class StripeConv2d(nn.Module):
             self.weight.grad = grad.contiguous()
 
     def _refresh(self) -> None:
-        """Recompute the per-position stripe counts (Python ints: the forward loop is static)."""
+        """Recompute the per-position stripe counts (Python ints: the forward loop is static); forget the
+        kernel plans, the cached dense kernel and the backend choices (they depend on the structure)."""
         kh, kw = self.kernel_size
         counts = torch.bincount(self.stripe_pos.cpu(), minlength=kh * kw)
         self._position_counts = [int(c) for c in counts[: kh * kw]]
+        self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
+        self._dense_cache: tuple | None = None
+        self._selection_cache: tuple | None = None
+        self.choices.clear()
 
     # ------------------------------------------------------------------ forward
     def _padding_ltrb(self, x: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -229,32 +269,128 @@ class StripeConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = self._padding_ltrb(x)
+        backend = self._resolve_backend(x, pad)
+        self._last_backend = backend
+        if backend == "cpp":
+            return self._cpp_forward(x, pad)
         if any(pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
-        if self.backend == "dense":
-            return F.conv2d(x, self.dense_weight(), self.bias, self.stride, 0, self.dilation)
+        if backend == "dense":
+            return F.conv2d(x, self._dense_kernel(), self.bias, self.stride, 0, self.dilation)
         return self._stripe_forward(x)
 
+    def _cpp_applies(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and cpu_kernel.available()
+
+    def _resolve_backend(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
+        exporting = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+                     or torch.compiler.is_compiling())
+        requested = self._backend
+        if requested == "auto":
+            requested = os.environ.get("SWP_STRIPE_BACKEND", "auto") or "auto"
+            if requested not in BACKENDS:
+                raise ValueError(f"SWP_STRIPE_BACKEND must be one of {BACKENDS}, got {requested!r}")
+        if requested == "cpp":
+            return "stripe" if exporting or not self._cpp_applies(x) else "cpp"
+        if requested != "auto":
+            return requested
+        key = (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
+        choice = self.choices.get(key)
+        if exporting:
+            return "dense" if choice == "dense" else "stripe"
+        if choice is None:
+            choice = self._tune(x, pad)
+            if len(self.choices) >= MAX_CHOICES:
+                self.choices.pop(next(iter(self.choices)))
+            self.choices[key] = choice
+        return choice
+
+    def _tune(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
+        """Micro-benchmark ``'dense'`` against the stripe kernel on ``x`` (no grad); return the faster."""
+        candidate = "cpp" if self._cpp_applies(x) else "stripe"
+        saved = self._backend
+        runs = {}
+        for name in ("dense", candidate):
+            runs[name] = lambda name=name: self._run_forced(x, name)
+        try:
+            with torch.no_grad():
+                times = fastest(runs)
+        finally:
+            self._backend = saved
+        return candidate if times[candidate] < 0.95 * times["dense"] else "dense"
+
+    def _run_forced(self, x: torch.Tensor, backend: str) -> torch.Tensor:
+        self._backend = backend
+        return self.forward(x)
+
+    def _dense_kernel(self) -> torch.Tensor:
+        """Dense kernel; in inference (no grad needed) cached until the weight or the structure changes."""
+        weight = self.weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return self.dense_weight()
+        if weight.is_inference():  # e.g. a parametrized weight computed in inference mode: no version counter
+            return self.dense_weight()
+        cache = self._dense_cache  # (weight object, its version, dense kernel): a parametrized weight is a new
+        if cache is None or cache[0] is not weight or cache[1] != weight._version:  # tensor at each access
+            with torch.no_grad():
+                cache = self._dense_cache = (weight, weight._version, self.dense_weight().contiguous())
+        return cache[2]
+
+    def _cpp_forward(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
+        if self.padding_mode != "zeros" and any(pad):
+            x = F.pad(x, pad, mode=self.padding_mode)
+            pad = (0, 0, 0, 0)
+        left, right, top, bottom = pad
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+        plan = self._plans.get((top, left))
+        if plan is None:
+            plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
+                                        self.stride, self.dilation, top, left)
+            self._plans[(top, left)] = plan
+        dense_index = self.stripe_out * (kh * kw) + self.stripe_pos
+        return cpu_kernel.stripe_conv_cpu(x.contiguous(), self.weight, self.bias, plan, (out_h, out_w), self.stride,
+                                          self.dilation, pad, dense_index, self.kernel_size)
+
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure PyTorch on the padded input: per kernel position one 1x1 conv of the strided, shifted window
+        with that position's stripes; the partial sums (stripe order) are concatenated and routed to their
+        output channels by a 1x1 conv with a 0/1 selection matrix (no scatter: exports to ONNX Conv/Slice/
+        Concat only, which onnxruntime runs well)."""
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         height, width = x.shape[-2:]
         out_h = (height - dh * (kh - 1) - 1) // sh + 1
         out_w = (width - dw * (kw - 1) - 1) // sw + 1
-        out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
         weight = self.weight  # read once: it may be parametrized (a Filter Skeleton in a second round)
-        start = 0
+        if not any(self._position_counts):  # Python ints: no tracer warning
+            out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        parts, start = [], 0
         for pos, count in enumerate(self._position_counts):
             if count == 0:
                 continue
             i, j = divmod(pos, kw)
             window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-            partial = F.conv2d(window, weight[start : start + count, :, None, None])
-            out = out.index_add(1, self.stripe_out[start : start + count], partial)
+            parts.append(F.conv2d(window, weight[start : start + count, :, None, None]))
             start += count
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        partial = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+        return F.conv2d(partial, self._selection(weight), self.bias)
+
+    def _selection(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(out, S, 1, 1)`` 0/1: stripe ``s`` feeds output channel ``stripe_out[s]`` (cached per device/dtype;
+        built in the graph while tracing, so that every trace is the same)."""
+        key = (weight.device, weight.dtype)
+        cached = getattr(self, "_selection_cache", None)
+        if cached is None or cached[0] != key or torch.jit.is_tracing():
+            sel = torch.zeros(self.out_channels, self.num_stripes, device=weight.device, dtype=weight.dtype)
+            sel[self.stripe_out, torch.arange(self.num_stripes, device=weight.device)] = 1
+            if torch.jit.is_tracing():
+                return sel[:, :, None, None]
+            cached = (key, sel[:, :, None, None])
+            self._selection_cache = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         s = (
@@ -271,4 +407,5 @@ class StripeConv2d(nn.Module):
             s += f", padding_mode={self.padding_mode}"
         if self.bias is None:
             s += ", bias=False"
-        return s + f", backend={self.backend}"
+        active = getattr(self, "_last_backend", None)
+        return s + f", backend={self._backend}" + (f"({active})" if self._backend == "auto" and active else "")

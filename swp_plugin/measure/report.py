@@ -24,7 +24,9 @@ def _conv_macs(model: nn.Module, example_inputs) -> Dict[str, Dict]:
             kept_filters = int(torch.unique(module.stripe_out).numel())
             kind = f"Strip({module.in_channels}, {module.num_stripes})"
             macs = module.num_stripes * module.in_channels
-            backend = module.backend
+            backend = module.active_backend  # the hook runs after the forward: what it used
+            if module.backend == "auto":
+                backend = f"auto({backend})"
         else:
             kept_filters = int(module.weight.detach().flatten(1).ne(0).any(dim=1).sum())
             kind = f"Conv({module.in_channels}, {module.out_channels}, {kh}x{kw})"
