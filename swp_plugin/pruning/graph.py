@@ -77,5 +77,7 @@ def time_limit(seconds: float | None, what: str = "DepGraph work") -> Iterator[N
 
 
 def build_graph(model: nn.Module, example_inputs, options: Dict) -> tp.DependencyGraph:
-    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)``."""
-    return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)``, with autograd on (the
+    graph is traced through it), also when called under ``torch.no_grad()``."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
