@@ -235,6 +235,18 @@ def _make_model(name: str, size: int):
     return model.eval(), x
 
 
+def _stager(rec: dict, progress: Callable[[dict], None] | None) -> Callable[[str], None]:
+    """``stage(name)``: close the running stage's clock in ``rec``, start ``name``, report progress."""
+
+    def stage(s: str) -> None:
+        _stage_times(rec)
+        rec["stage"] = s
+        if progress is not None:
+            progress(rec)
+
+    return stage
+
+
 # ---------------------------------------------------------------------------------------------- SWP
 def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
     """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
@@ -244,12 +256,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
 
     rec: dict = {"status": "running", "stage": None}
     t_start = time.perf_counter()
-
-    def stage(s: str) -> None:
-        _stage_times(rec)
-        rec["stage"] = s
-        if progress is not None:
-            progress(rec)
+    stage = _stager(rec, progress)
 
     try:
         stage("import")
@@ -346,12 +353,7 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
 
     rec: dict = {"status": "running", "stage": None}
     t_start = time.perf_counter()
-
-    def stage(s: str) -> None:
-        _stage_times(rec)
-        rec["stage"] = s
-        if progress is not None:
-            progress(rec)
+    stage = _stager(rec, progress)
 
     try:
         stage("import")
