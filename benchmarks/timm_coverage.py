@@ -235,6 +235,14 @@ def _make_model(name: str, size: int):
     return model.eval(), x
 
 
+def _finished(rec: dict, t_start: float) -> dict:
+    """Close the last stage's clock and record the wall time of the pipeline."""
+    _stage_times(rec)
+    rec.pop("_t", None)
+    rec["wall"] = time.perf_counter() - t_start
+    return rec
+
+
 def _stager(rec: dict, progress: Callable[[dict], None] | None) -> Callable[[str], None]:
     """``stage(name)``: close the running stage's clock in ``rec``, start ``name``, report progress."""
 
@@ -321,10 +329,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
     except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
         rec["status"] = "error"
         rec.update(error_info(err))
-    _stage_times(rec)
-    rec.pop("_t", None)
-    rec["wall"] = time.perf_counter() - t_start
-    return rec
+    return _finished(rec, t_start)
 
 
 def _measure_after(rec: dict, model, x, y0) -> None:
@@ -391,10 +396,7 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
     except Exception as err:  # noqa: BLE001
         rec["status"] = "error"
         rec.update(error_info(err))
-    _stage_times(rec)
-    rec.pop("_t", None)
-    rec["wall"] = time.perf_counter() - t_start
-    return rec
+    return _finished(rec, t_start)
 
 
 RUNNERS = {"swp": run_swp, "tp": run_tp}
