@@ -10,7 +10,8 @@ on Fashion-MNIST (Debian's ``dataset-fashion-mnist``):
 2. per method, **one** sparse training of ``--epochs-sparse`` epochs from the baseline (lr ``--lr`` cosine):
    * ``swp``: ``StripePruner`` (Filter Skeleton, L1 ``sr`` from ``--push-swp``), with the per-filter
      renormalisation aid of the continual example (``--renorm 1``; not in the paper);
-   * ``shape``: ``swp_plugin.baselines.ShapeWisePruner``: the same, one skeleton shared by the filters of a layer;
+   * ``shape``: ``swp_plugin.recipes.baselines.ShapeWisePruner``: the same, one skeleton shared by the filters of
+     a layer;
    * ``group_lasso``: ``StripeGroupLasso`` on the weights' stripes, strength from ``--push-gl`` (in units of the
      model's mean stripe norm), no skeleton;
    * ``l1_filter``: plain training (no regulariser), so every method trains the same number of epochs;
@@ -49,7 +50,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
-from swp_plugin.baselines import (
+from swp_plugin.models import create_model
+from swp_plugin.recipes.baselines import (
     ShapeWisePruner,
     StripeGroupLasso,
     l1_filter_pruner,
@@ -57,7 +59,7 @@ from swp_plugin.baselines import (
     prune_channels_to_macs,
     slimming_pruner,
 )
-from swp_plugin.continual import (
+from swp_plugin.recipes.continual import (
     classifier_of,
     feeding_batchnorms,
     filter_norm_rms,
@@ -65,9 +67,8 @@ from swp_plugin.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.data import dataset_info, load_dataset
-from swp_plugin.models import create_model
-from swp_plugin.training import evaluate, fit
+from swp_plugin.recipes.data import dataset_info, load_dataset
+from swp_plugin.recipes.training import evaluate, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "granularity.json"
@@ -448,8 +449,9 @@ def section(result: dict, png: str | os.PathLike, doc: str | os.PathLike, tie: f
              "- SWP: `StripePruner` Filter Skeleton with L1 `sr`; at each target, stripes ranked by "
              "`|FS| * ||W_stripe||` (layer-normalised) and the weakest killed until the MACs target is met, then "
              "the exact `step()` (dead filters removed with their channels).",
-             "- shape-wise: `swp_plugin.baselines.ShapeWisePruner`, the same with one skeleton per layer shared by "
-             "its filters (gradients summed over filters), whole kernel positions ranked and killed; 1x1 convs dense.",
+             "- shape-wise: `swp_plugin.recipes.baselines.ShapeWisePruner`, the same with one skeleton per layer "
+             "shared by its filters (gradients summed over filters), whole kernel positions ranked and killed; 1x1 "
+             "convs dense.",
              "- group lasso: `StripeGroupLasso`, penalty `sum ||W[o,:,i,j]||_2` on the weights' stripes; then "
              "`StripePruner` target mode with untrained skeletons, i.e. stripes ranked by weight norm.",
              "- L1 filter: plain training, then `tp.pruner.BasePruner` + `MagnitudeImportance(p=1)`, the same "

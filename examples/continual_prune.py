@@ -18,7 +18,7 @@ Stages (each trains from the previous one; ``--epochs-*`` set their cost):
      saved with ``torch.save(model)``, evaluated and pruned further; ``none`` = SWP on the baseline;
   3. swp: ``StripePruner`` training with ``regularize`` (``--sr``, or ``auto``: the L1 push ``--push`` over
      the schedule; ``--renorm 1``, the cpu preset, keeps each filter's largest FS value at 1 during training,
-     see ``swp_plugin.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
+     see ``swp_plugin.recipes.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
      filters first scaled back up exactly, a new optimizer after ``step()``).
 
 Prints one table (accuracy on the test set, params with stripe indexes, MACs, CPU latency measured side by
@@ -45,7 +45,9 @@ from torch.utils.data import DataLoader
 
 import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
-from swp_plugin.continual import (
+from swp_plugin.measure import measure_latency, plot_stripe_ratios
+from swp_plugin.models import MODELS, create_model
+from swp_plugin.recipes.continual import (
     BNTaylorImportance,
     classifier_of,
     feeding_batchnorms,
@@ -55,10 +57,8 @@ from swp_plugin.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.data import dataset_info, load_dataset
-from swp_plugin.measure import measure_latency, plot_stripe_ratios
-from swp_plugin.models import MODELS, create_model
-from swp_plugin.training import evaluate, fit
+from swp_plugin.recipes.data import dataset_info, load_dataset
+from swp_plugin.recipes.training import evaluate, fit
 
 #: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
 #: 2 CPU cores with Fashion-MNIST; ``paper``: the paper's schedule (160 epochs, batch 64, lr 0.1 divided by
@@ -120,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--sr", help="L1 strength on the Filter Skeleton, a number or auto (from --push) [preset]")
     s.add_argument("--renorm", type=int, choices=(0, 1),
                    help="1: keep each filter's largest FS at 1 during training, BatchNorm compensating "
-                        "(swp_plugin.continual.renormalize_skeletons; not in the paper) [preset]")
+                        "(swp_plugin.recipes.continual.renormalize_skeletons; not in the paper) [preset]")
     s.add_argument("--push", type=float,
                    help="auto sr: total L1 push over the SWP schedule (assumes hundreds of steps); default 4 with "
                         "--renorm 1 (a stripe's gap to its filter's strongest grows about exp(push)), else 0.95 "

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from swp_plugin import StripePruner, count_ops_and_params
-from swp_plugin.data import dataset_info, load_dataset
 from swp_plugin.models import create_model
-from swp_plugin.training import evaluate, train_epoch
+from swp_plugin.recipes.data import dataset_info, load_dataset
+from swp_plugin.recipes.training import evaluate, train_epoch
 
 
 def main(argv=None) -> None:

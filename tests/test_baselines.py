@@ -1,5 +1,5 @@
-"""swp_plugin.baselines (shape-wise pruning, stripe group lasso, MACs-matched channel pruners) and the granularity
-benchmark end to end on a tiny budget."""
+"""swp_plugin.recipes.baselines (shape-wise pruning, stripe group lasso, MACs-matched channel pruners) and the
+granularity benchmark end to end on a tiny budget."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
-from swp_plugin.baselines import (
+from swp_plugin.models import resnet20, vgg16_bn
+from swp_plugin.recipes.baselines import (
     ShapeWisePruner,
     StripeGroupLasso,
     l1_filter_pruner,
     prune_channels_to_macs,
     slimming_pruner,
 )
-from swp_plugin.data import DEBIAN_FASHION_MNIST
-from swp_plugin.models import resnet20, vgg16_bn
+from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "granularity.py"
 needs_data = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist missing")

@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from swp_plugin import StripeConv2d, StripePruner
-from swp_plugin.continual import (
+from swp_plugin.models import resnet20, vgg16_bn
+from swp_plugin.recipes.continual import (
     BNTaylorImportance,
     _filter_norms,
     classifier_of,
@@ -22,10 +23,9 @@ from swp_plugin.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.data import DEBIAN_FASHION_MNIST, AugmentedTensors
-from swp_plugin.models import resnet20, vgg16_bn
+from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST, AugmentedTensors
+from swp_plugin.recipes.training import lr_sum
 from swp_plugin.testing import calibrate_bn, rel_err
-from swp_plugin.training import lr_sum
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "continual_prune.py"
 needs_data = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist missing")

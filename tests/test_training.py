@@ -7,9 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from swp_plugin import StripePruner, count_ops_and_params
-from swp_plugin.data import DEBIAN_FASHION_MNIST, load_dataset
 from swp_plugin.models import resnet20
-from swp_plugin.training import evaluate, train_epoch
+from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST, load_dataset
+from swp_plugin.recipes.training import evaluate, train_epoch
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make setup installs it)"

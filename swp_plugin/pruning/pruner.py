@@ -459,8 +459,8 @@ class StripePruner(tp.pruner.BasePruner):
 
     def _kill_units(self) -> List[torch.Tensor] | None:
         """Per skeleton layer, FS-shaped ids of the groups of stripes a target kills together; ``None``: each
-        stripe on its own (SWP). A subclass sets a coarser granularity (``swp_plugin.baselines.ShapeWisePruner``:
-        one kernel position across all filters of a layer)."""
+        stripe on its own (SWP). A subclass sets a coarser granularity
+        (``swp_plugin.recipes.baselines.ShapeWisePruner``: one kernel position across all filters of a layer)."""
         return None
 
     def _stripe_costs(self, metric: str) -> List[float]:
