@@ -41,7 +41,6 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch.utils.data import DataLoader
 
 import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
@@ -57,8 +56,7 @@ from swp_plugin.recipes.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.recipes.data import dataset_info, load_dataset
-from swp_plugin.recipes.training import evaluate, fit
+from swp_plugin.recipes.runner import StageRunner
 
 #: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
 #: 2 CPU cores with Fashion-MNIST; ``paper``: the paper's schedule (160 epochs, batch 64, lr 0.1 divided by
@@ -161,54 +159,29 @@ def _number_or_auto(name: str, value: str) -> float | None:
         raise SystemExit(f"{name} must be a number or auto, got {value!r}") from None
 
 
-class Run:
-    """The state shared by the stages: data, device, the recorded stages."""
+class Run(StageRunner):
+    """The stage runner plus the recorded stages, their models and the output folder."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.dataset, args.data_path, subset=args.subset, test_subset=args.test_subset,
+                         batch_size=args.batch_size, augment=args.augment, download=args.download,
+                         schedule=args.schedule, weight_decay=args.weight_decay, device=args.device,
+                         workers=args.workers, example_batch=args.latency_batch, seed=args.seed,
+                         progress=not args.no_progress)
         self.args = args
-        self.progress = not args.no_progress
-        self.in_chans, self.num_classes = dataset_info(args.dataset)
-        subset = args.subset or None
-        self.train_set = load_dataset(args.dataset, True, args.data_path, subset=subset, download=args.download,
-                                      augment=args.augment, seed=args.seed)
-        test_set = load_dataset(args.dataset, False, args.data_path, subset=args.test_subset or None,
-                                download=args.download, seed=args.seed)
-        gen = torch.Generator().manual_seed(args.seed)
-        self.train_loader = DataLoader(self.train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
-                                       num_workers=args.workers, drop_last=len(self.train_set) > args.batch_size)
-        self.test_loader = DataLoader(test_set, batch_size=256, num_workers=args.workers)
-        images = next(iter(DataLoader(test_set, batch_size=max(1, args.latency_batch))))[0]
-        self.latency_input = images  # CPU, for the latency measurement
-        self.example = images[:1].to(args.device)  # for tracing and counting
         self.stages: list[dict] = []
         self.models: dict[str, nn.Module] = {}
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        print(f"data: {args.dataset}, {len(self.train_set)} training / {len(test_set)} test images; "
-              f"device {args.device}, {torch.get_num_threads()} threads")
+        print(self.describe(args.dataset))
 
-    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, after_backward=None, after_epoch=None,
-              after_step=None):
-        def log(epoch, loss):
-            print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss:.3f}", flush=True)
-            if after_epoch is not None:
-                after_epoch(epoch, loss)
-
-        return fit(model, self.train_loader, epochs, lr, schedule=self.args.schedule,
-                   weight_decay=self.args.weight_decay, after_backward=after_backward, after_epoch=log,
-                   after_step=after_step, device=self.args.device, desc=desc, progress=self.progress)
-
-    def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test_loader, device=self.args.device, progress=self.progress)
-
-    def start(self) -> None:
-        """Mark the start of a stage's training (wall and CPU clocks)."""
-        self._wall, self._cpu = time.time(), time.process_time()
+    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, **hooks):
+        return super().train(model, epochs, lr, desc, log=True, **hooks)
 
     def record(self, name: str, model: nn.Module, epochs: float, accuracy: float | None = None):
-        seconds, cpu = time.time() - self._wall, time.process_time() - self._cpu
+        seconds, cpu = self.elapsed()
         acc = self.accuracy(model) if accuracy is None else accuracy
-        macs, params = count_ops_and_params(model, self.example)
+        macs, params = self.counts(model)
         stage = {"name": name, "accuracy": acc, "params": int(params), "macs": int(macs),
                  "epochs": epochs, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1)}
         self.stages.append(stage)
@@ -244,7 +217,7 @@ def tp_options(model: nn.Module) -> dict:
 def slimming(run: Run, model: nn.Module) -> nn.Module:
     """Network Slimming with torch-pruning: L1 on BN scales while training, global pruning, fine-tune."""
     args = run.args
-    steps = args.epochs_sparse * len(run.train_loader)
+    steps = run.steps(args.epochs_sparse)
     reg = _number_or_auto("--slim-reg", args.slim_reg)
     if reg is None:
         reg = sr_for_push(args.slim_push, args.lr, steps, args.schedule) if steps else 0.0
@@ -319,7 +292,7 @@ def from_checkpoint(run: Run, path: str) -> nn.Module:
 
 def swp(run: Run, model: nn.Module) -> nn.Module:
     args = run.args
-    steps = args.epochs_swp * len(run.train_loader)
+    steps = run.steps(args.epochs_swp)
     sr = _number_or_auto("--sr", args.sr)
     if sr is None:
         sr = sr_for_push(args.push, args.lr, steps, args.schedule) if steps else 0.0
