@@ -81,7 +81,7 @@ def random_stripe_model(model: nn.Module, keep: float, seed: int = 0) -> nn.Modu
 
     The latency benchmark's stand-in for a trained skeleton; same weights as the dense model, masked.
     """
-    from .layers.stripe_conv import StripeConv2d
+    from ..layers.stripe_conv import StripeConv2d
 
     gen = torch.Generator().manual_seed(seed)
     for parent in list(model.modules()):
