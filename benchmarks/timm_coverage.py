@@ -17,8 +17,12 @@ Usage (from the repository root)::
     python benchmarks/timm_coverage.py --models resnet18,dla34 --json /tmp/c.json --md /tmp/c.md
     python benchmarks/timm_coverage.py --one resnet18         # one model in this process, record printed
 
+    python benchmarks/timm_coverage.py --one-process          # every model in this process, in sequence
+
 Writes ``benchmarks/results/timm_coverage.json`` (one record per model) and ``docs/coverage.md``.
-The per-model functions (``run_swp``, ``run_tp``) are imported by ``tests/test_timm_coverage.py``.
+The per-model routines (``run_swp``, ``run_tp``) and the model list live in :mod:`swp_plugin.testing.sweep`.
+``--one-process`` runs them in sequence in one process (no time limit): heap damage done by one model then
+shows in a later one, which a process per model hides (the memory-safety sweep).
 """
 
 from __future__ import annotations
@@ -36,146 +40,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
+
+from swp_plugin.testing.sweep import FLOAT64, MODELS, REPARAM, RUNNERS, SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "timm_coverage.json"
 DEFAULT_MD = ROOT / "docs" / "coverage.md"
-TOLERANCE = 1e-4
-
-# name -> family; the smallest variant of each family, plus a few with a special layer (noted).
-MODELS: Dict[str, str] = {
-    "resnet18": "resnet",
-    "resnet50": "resnet",
-    "resnet18d": "resnet",  # deep stem, avg-pool downsample
-    "resnet10t": "resnet",
-    "resnext26ts": "resnext",
-    "resnext50_32x4d": "resnext",
-    "seresnet18": "senet",
-    "legacy_seresnet18": "senet",
-    "seresnext26d_32x4d": "senet",
-    "ecaresnet26t": "senet",  # ECA attention (conv1d over channels)
-    "gcresnet33ts": "senet",  # global context attention
-    "regnetx_002": "regnet",
-    "regnety_002": "regnet",
-    "regnetz_005": "regnetz",
-    "efficientnet_b0": "efficientnet",
-    "tf_efficientnet_b0": "efficientnet",  # Conv2dSame (TF 'SAME' padding)
-    "efficientnet_b0_gn": "efficientnet",  # GroupNorm
-    "efficientnet_cc_b0_4e": "efficientnet",  # CondConv2d (routed expert kernels)
-    "efficientnetv2_rw_t": "efficientnetv2",
-    "tf_efficientnetv2_b0": "efficientnetv2",
-    "tinynet_e": "tinynet",
-    "mobilenetv2_035": "mobilenetv2",
-    "mobilenetv3_small_050": "mobilenetv3",
-    "mobilenetv4_conv_small_035": "mobilenetv4",
-    "mobilenetv4_hybrid_medium": "mobilenetv4",  # attention blocks
-    "mnasnet_small": "mnasnet",
-    "semnasnet_050": "mnasnet",
-    "fbnetc_100": "fbnet",
-    "fbnetv3_b": "fbnet",
-    "ghostnet_050": "ghostnet",
-    "ghostnetv2_100": "ghostnet",
-    "ghostnetv3_050": "ghostnet",
-    "repghostnet_050": "repghost",
-    "rexnet_100": "rexnet",
-    "mixnet_s": "mixnet",
-    "densenet121": "densenet",
-    "dla34": "dla",
-    "dla46_c": "dla",
-    "dla60_res2net": "dla",
-    "dpn48b": "dpn",
-    "hrnet_w18_small": "hrnet",
-    "cspresnet50": "cspnet",
-    "cspdarknet53": "cspnet",
-    "cs3darknet_s": "cspnet",
-    "darknet17": "darknet",
-    "sedarknet21": "darknet",
-    "res2net50_14w_8s": "res2net",
-    "resnest14d": "resnest",
-    "skresnet18": "sknet",
-    "nf_resnet26": "nfnet",  # ScaledStdConv2d
-    "dm_nfnet_f0": "nfnet",
-    "repvgg_a0": "repvgg",
-    "repvgg_a0@reparam": "repvgg",  # after reparameterize(): one 3x3 conv per block
-    "mobileone_s0": "mobileone",
-    "mobileone_s0@reparam": "mobileone",
-    "convnext_atto": "convnext",  # LayerNorm
-    "convnextv2_atto": "convnext",  # GRN
-    "inception_v3": "inception",
-    "inception_v4": "inception",
-    "xception41": "xception",
-    "ese_vovnet19b_dw": "vovnet",
-    "vovnet39a": "vovnet",
-    "selecsls42b": "selecsls",
-    "gernet_s": "gernet",
-    "lcnet_050": "lcnet",
-    "tresnet_m": "tresnet",  # space-to-depth stem, anti-aliasing
-    "resnetv2_18": "resnetv2",  # pre-activation
-    "resnetv2_50x1_bit": "resnetv2",  # StdConv2d + GroupNorm
-    "hgnetv2_b0": "hgnet",
-    "hgnet_tiny": "hgnet",
-    "vgg11_bn": "vgg",
-    "repvit_m0_9": "repvit",
-    "fastvit_t8": "fastvit",
-    "mobilevit_xxs": "mobilevit (hybrid)",
-    "edgenext_xx_small": "edgenext (hybrid)",
-    "efficientvit_b0": "efficientvit (hybrid)",
-    "efficientvit_m0": "efficientvit (hybrid)",
-    "lambda_resnet26t": "lambda (hybrid)",
-    "inception_next_atto": "inception_next",
-}
-
-#: name suffix: prune the model after ``timm.utils.reparameterize_model`` (its fused inference form)
-REPARAM = "@reparam"
-
-#: Models checked in float64: at random init their float32 forward is numerically meaningless (repvit_m0_9:
-#: activations reach 1e7 and the float32 logits differ from float64 ones by 100%), so a float32 comparison
-#: measures rounding, not the pruning (in float64 its stripe conversion matches to 1e-13).
-FLOAT64 = {"repvit_m0_9"}
-
-# Per-model input size where the default does not suit (every model above runs at 96x96 in timm 1.0.31).
-SIZES: Dict[str, int] = {}
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
-def channel_counts(model) -> Dict[str, int]:
-    """Total BatchNorm ``num_features`` and total conv output channels (dense and stripe convs)."""
-    import torch.nn as nn
-
-    from swp_plugin import StripeConv2d
-
-    bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    conv = sum(m.out_channels for m in model.modules() if isinstance(m, (nn.Conv2d, StripeConv2d)))
-    return {"bn_features": int(bn), "conv_out_channels": int(conv)}
-
-
-def error_info(err: BaseException) -> Dict[str, str]:
-    """Type, the message's first line (the traceback's last line) and the last frames of the traceback."""
-    lines = str(err).strip().splitlines()
-    tb = traceback.format_exception(type(err), err, err.__traceback__)
-    frames = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in frames if "swp_plugin" in f.filename.replace("\\", "/").split("/")]
-    info = {
-        "error_type": type(err).__name__,
-        "error": (lines[0] if lines else "")[:400],
-        "traceback": "".join(tb)[-3000:],
-    }
-    if ours:  # the innermost swp_plugin frame: where the core gave up (or called what failed)
-        f = ours[-1]
-        info["where"] = f"{f.filename.split('swp_plugin')[-1].lstrip('/')}:{f.lineno} {f.name}"
-    return info
 
 
 def core_fingerprint() -> Dict[str, str]:
@@ -209,197 +82,6 @@ def versions() -> Dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "missing"
     return out
-
-
-def _stage_times(rec: dict) -> None:
-    """Close the running stage's clock in ``rec['stage_s']``."""
-    now = time.perf_counter()
-    if rec.get("stage") and "_t" in rec:
-        rec.setdefault("stage_s", {})[rec["stage"]] = round(now - rec["_t"], 3)
-    rec["_t"] = now
-
-
-def _make_model(name: str, size: int):
-    import timm
-    import torch
-
-    torch.manual_seed(0)
-    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10)
-    if name.endswith(REPARAM):  # the deploy form of a reparameterisable net
-        from timm.utils.model import reparameterize_model
-
-        model = reparameterize_model(model.eval())
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    if name in FLOAT64:
-        model, x = model.double(), x.double()
-    return model.eval(), x
-
-
-def _finished(rec: dict, t_start: float) -> dict:
-    """Close the last stage's clock and record the wall time of the pipeline."""
-    _stage_times(rec)
-    rec.pop("_t", None)
-    rec["wall"] = time.perf_counter() - t_start
-    return rec
-
-
-def _stager(rec: dict, progress: Callable[[dict], None] | None) -> Callable[[str], None]:
-    """``stage(name)``: close the running stage's clock in ``rec``, start ``name``, report progress."""
-
-    def stage(s: str) -> None:
-        _stage_times(rec)
-        rec["stage"] = s
-        if progress is not None:
-            progress(rec)
-
-    return stage
-
-
-# ---------------------------------------------------------------------------------------------- SWP
-def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
-    """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
-    with the stage they happened in). ``progress(record)`` is called when each stage starts."""
-    import torch
-    import torch.nn.functional as F
-
-    rec: dict = {"status": "running", "stage": None}
-    t_start = time.perf_counter()
-    stage = _stager(rec, progress)
-
-    try:
-        stage("import")
-        import swp_plugin
-        from swp_plugin.testing import calibrate_bn, randomize_skeletons, regularized_step
-
-        stage("create")
-        model, x = _make_model(name, size)
-        stage("count_before")
-        macs, params = swp_plugin.count_ops_and_params(model, x[:1])
-        rec.update(macs_before=float(macs), params_before=int(params))
-        rec.update({k + "_before": v for k, v in channel_counts(model).items()})
-
-        stage("pruner")
-        t = time.perf_counter()
-        pruner = swp_plugin.StripePruner(model, x[:1], sr=1e-4, threshold=0.05,
-                                         ignored_layers=[model.get_classifier()])
-        rec["t_pruner"] = time.perf_counter() - t
-        rec["skeletons"] = len(pruner.skeletons)
-        rec["skipped"] = len(pruner.skipped)
-        rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
-
-        stage("skeleton")
-        randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
-        stage("regularize")
-        regularized_step(model, pruner, x)
-        stage("calibrate")
-        calibrate_bn(model, x)
-        with torch.no_grad():
-            y0 = model(x)
-
-        stage("step")
-        t = time.perf_counter()
-        try:
-            pruner.step()
-        finally:
-            rec["t_step"] = time.perf_counter() - t
-            rec["notes"] = len(getattr(pruner, "notes", []) or [])
-            rec["notes_sample"] = [str(n)[:200] for n in (getattr(pruner, "notes", []) or [])[:3]]
-            _measure_after(rec, model, x, y0)
-
-        stage("count_after")
-        macs, params = swp_plugin.count_ops_and_params(model, x[:1])
-        rec.update(macs_after=float(macs), params_after=int(params))
-        rec["stripe_convs"] = sum(isinstance(m, swp_plugin.StripeConv2d) for m in model.modules())
-
-        stage("backward")
-        model.train()
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % 10)
-        loss.backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not any(p.grad is not None for p in params):
-            raise RuntimeError("backward gave no gradient to any parameter")
-        rec["backward_ok"] = True
-        rec["params_without_grad"] = sum(p.grad is None for p in params)  # info: unused branches have none
-        rec["grads_finite"] = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
-
-        _stage_times(rec)
-        rec["stage"] = None
-        rec["status"] = "exact" if rec["rel_err"] <= TOLERANCE else "inexact"
-    except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
-        rec["status"] = "error"
-        rec.update(error_info(err))
-    return _finished(rec, t_start)
-
-
-def _measure_after(rec: dict, model, x, y0) -> None:
-    """Outputs after ``step()`` (also after a failed one: the model may have been changed), channels."""
-    import torch
-
-    from swp_plugin.testing import rel_err
-
-    try:
-        model.eval()
-        with torch.no_grad():
-            y1 = model(x)
-            rec["rel_err"] = rel_err(y0, y1)
-    except Exception as err:  # noqa: BLE001
-        rec["after_forward_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
-    counts = channel_counts(model)
-    rec.update({k + "_after": v for k, v in counts.items()})
-    rec["channels_removed"] = any(counts[k] < rec.get(k + "_before", counts[k]) for k in counts)
-
-
-# ---------------------------------------------------------------------------------------------- anchor
-def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
-    """torch-pruning's own channel pruner (magnitude, ratio 0.3) on a fresh model, then a forward."""
-    import torch
-    import torch_pruning as tp
-
-    rec: dict = {"status": "running", "stage": None}
-    t_start = time.perf_counter()
-    stage = _stager(rec, progress)
-
-    try:
-        stage("import")
-        try:  # only for the MAC counter (tp's, plus timm's conv / norm subclasses): same figures as SWP's
-            from swp_plugin import count_ops_and_params
-            rec["counter"] = "swp_plugin"
-        except Exception:  # noqa: BLE001 - the core may be mid-edit; the anchor must not depend on it
-            count_ops_and_params = tp.utils.count_ops_and_params
-            rec["counter"] = "torch_pruning"
-
-        stage("create")
-        model, x = _make_model(name, size)
-        macs, params = count_ops_and_params(model, x[:1])
-        rec.update(macs_before=float(macs), params_before=int(params))
-        stage("pruner")
-        t = time.perf_counter()
-        pruner = tp.pruner.BasePruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(),
-                                      pruning_ratio=0.3, ignored_layers=[model.get_classifier()])
-        rec["t_pruner"] = time.perf_counter() - t
-        stage("step")
-        t = time.perf_counter()
-        pruner.step()
-        rec["t_step"] = time.perf_counter() - t
-        stage("forward")
-        with torch.no_grad():
-            y = model(x)
-        if tuple(y.shape) != (x.shape[0], 10):
-            raise RuntimeError(f"output shape {tuple(y.shape)} after pruning")
-        stage("count_after")
-        macs, params = count_ops_and_params(model, x[:1])
-        rec.update(macs_after=float(macs), params_after=int(params))
-        _stage_times(rec)
-        rec["stage"] = None
-        rec["status"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        rec["status"] = "error"
-        rec.update(error_info(err))
-    return _finished(rec, t_start)
-
-
-RUNNERS = {"swp": run_swp, "tp": run_tp}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -447,6 +129,14 @@ def held(lock_file: str | None):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def in_process(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
+    """Run one model in this process (``--one-process``; ``timeout`` is not enforced)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {**RUNNERS[mode](name, size), "core": core_fingerprint()}
 
 
 def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
@@ -615,6 +305,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="keep the records already in --json, run the rest")
     p.add_argument("--lock", metavar="FILE", help="hold an exclusive lock on FILE (flock) while a model runs, so that "
                    "timing jobs of other\nprocesses that take the same lock run between models, not beside them")
+    p.add_argument("--one-process", action="store_true", help="run every model in this process, in sequence (no "
+                   "time limit): the memory-safety sweep")
     p.add_argument("--one", metavar="NAME", help="run one model in this process (used by the sweep)")
     p.add_argument("--mode", choices=sorted(RUNNERS), default="swp", help="with --one: which pipeline")
     p.add_argument("--out", help="with --one: write the record here (else print it)")
@@ -650,12 +342,13 @@ def main(argv: List[str] | None = None) -> int:
             continue
         size = SIZES.get(name, args.size)
         rec = {"model": name, "family": MODELS.get(name, name.split("_")[0]), "size": size}
+        run = in_process if args.one_process else run_isolated
         with held(args.lock):
-            rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads)
+            rec["swp"] = run(name, "swp", size, args.timeout, args.threads)
             if args.skip_tp:
                 rec["tp"] = {"status": "skipped"}
             else:
-                rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads)
+                rec["tp"] = run(name, "tp", size, args.tp_timeout, args.threads)
         records.append(rec)
         _write_json(Path(args.json), {"meta": meta, "records": records})
         s, t = rec["swp"], rec["tp"]

@@ -1,8 +1,9 @@
-"""CI-sized slice of benchmarks/timm_coverage.py: the same per-model SWP pipeline, in-process, on fast timm CNNs.
+"""CI-sized slice of the coverage sweep (swp_plugin.testing.sweep, run by benchmarks/timm_coverage.py): the same
+per-model SWP pipeline, in-process, on fast timm CNNs; and the report of the benchmark.
 
 Random sparse skeleton (dead stripes and dead filters), one regularized step, BatchNorm calibration, ``step()``;
-the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must train (backward).
-The full sweep (76 models, each in a subprocess with a time limit): ``python benchmarks/timm_coverage.py``.
+the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must fine-tune a step.
+The full sweep (79 models, each in a subprocess with a time limit): ``python benchmarks/timm_coverage.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from swp_plugin.testing import sweep
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py"
 _spec = importlib.util.spec_from_file_location("timm_coverage", _PATH)
@@ -46,12 +49,12 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_coverage_pipeline_exact(name):
-    rec = coverage.run_swp(name, size=64)
+    rec = sweep.run_swp(name, size=64)
     assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
     assert rec["skeletons"] > 0
-    assert rec["rel_err"] <= coverage.TOLERANCE
+    assert rec["rel_err"] <= sweep.TOLERANCE
     assert rec["status"] == "exact"
-    assert rec["backward_ok"]
+    assert rec["backward_ok"] and rec["grads_finite"] and rec["finetuned_finite"]
     assert rec["macs_after"] < rec["macs_before"]
 
 

@@ -334,7 +334,7 @@ class StripeConv2d(nn.Module):
             return self.dense_weight()
         cache = self._dense_cache
         if cache is None or not _same_tensor(cache[0], weight):
-            with torch.no_grad(), torch.inference_mode(False):  # normal tensors: usable outside inference mode
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode
                 cache = self._dense_cache = (weight.detach().clone(), self.dense_weight())
         return cache[1]
 
@@ -384,7 +384,7 @@ class StripeConv2d(nn.Module):
         key = (weight.device, weight.dtype)
         cached = self._selection_cache
         if cached is None or cached[0] != key or torch.jit.is_tracing():
-            with torch.inference_mode(False):
+            with torch.inference_mode(False), torch.no_grad():
                 sel = torch.zeros(self.out_channels, self.num_stripes, device=weight.device, dtype=weight.dtype)
                 sel[self.stripe_out, torch.arange(self.num_stripes, device=weight.device)] = 1
             if torch.jit.is_tracing():

@@ -76,8 +76,30 @@ def time_limit(seconds: float | None, what: str = "DepGraph work") -> Iterator[N
             signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
 
 
-def build_graph(model: nn.Module, example_inputs, options: Dict) -> tp.DependencyGraph:
-    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)``, with autograd on (the
-    graph is traced through it), also when called under ``torch.no_grad()``."""
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+def build_graph(model: nn.Module, example_inputs, options: Dict, timeout: float | None = None
+                ) -> tp.DependencyGraph:
+    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)`` within ``timeout`` seconds
+    (:func:`time_limit`), with autograd on (the graph is traced through it) also under ``torch.no_grad()``.
+
+    torch-pruning's tracing registers forward hooks, puts the model in eval mode and removes the hooks only when
+    the traced forward succeeds; here the model keeps its mode, and hooks left behind by a failed or timed-out
+    build are removed (else they would stay on the user's model).
+    """
+    hooks = {m: _hook_keys(m) for m in model.modules()}
+    was_training = model.training
+    try:
+        with time_limit(timeout), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+    finally:
+        for module, keys in hooks.items():
+            for table in _HOOK_TABLES:
+                for key in [k for k in getattr(module, table) if k not in keys]:
+                    del getattr(module, table)[key]
+        model.train(was_training)
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _hook_keys(module: nn.Module) -> set:
+    return {key for table in _HOOK_TABLES for key in getattr(module, table)}

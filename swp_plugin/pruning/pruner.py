@@ -184,8 +184,7 @@ class StripePruner(tp.pruner.BasePruner):
         self.DG: tp.DependencyGraph | None = None
         self.graph_error: str | None = None
         try:
-            with time_limit(graph_timeout):
-                self.DG = build_graph(model, example_inputs, self._graph_options)
+            self.DG = build_graph(model, example_inputs, self._graph_options, graph_timeout)
         except Exception as err:  # noqa: BLE001 - any tracing failure means: no channel cleanup
             self.graph_error = _short(err)
             warnings.warn(
@@ -406,7 +405,7 @@ class StripePruner(tp.pruner.BasePruner):
             return [], []
         try:
             with time_limit(self.graph_timeout):
-                graph = build_graph(trial, self.example_inputs, self._graph_options)
+                graph = build_graph(trial, self.example_inputs, self._graph_options, self.graph_timeout)
                 amax = record_input_amax(trial, probes)
                 modules = dict(trial.named_modules())
                 module_plan, notes = plan_channel_removal(graph, [modules[n] for n in self._names], amax)
@@ -514,7 +513,7 @@ class StripePruner(tp.pruner.BasePruner):
         try:
             if plan:
                 with time_limit(self.graph_timeout):
-                    graph = build_graph(trial, self.example_inputs, self._graph_options)
+                    graph = build_graph(trial, self.example_inputs, self._graph_options, self.graph_timeout)
                     modules = dict(trial.named_modules())
                     for name, fn, idxs in plan:
                         graph.get_pruning_group(modules[name], fn, idxs).prune()
@@ -567,8 +566,7 @@ class StripePruner(tp.pruner.BasePruner):
 
     def _graph(self, model: nn.Module, required: bool = True) -> tp.DependencyGraph | None:
         try:
-            with time_limit(self.graph_timeout):
-                return build_graph(model, self.example_inputs, self._graph_options)
+            return build_graph(model, self.example_inputs, self._graph_options, self.graph_timeout)
         except Exception:
             if required:
                 raise
