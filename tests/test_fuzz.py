@@ -8,6 +8,7 @@ backward (1x1 kernel, stride (2, 1)): the test fails on that code.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,7 +26,10 @@ def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 def test_fuzz_every_backend_forward_and_gradients():
     result = _run("--cases", "300", "--seed", "1")
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-3000:]}"
-    assert result.stdout.strip().splitlines()[-1].startswith("ok: 300 cases, 0 failed")
+    summary = result.stdout.strip().splitlines()[-1]
+    assert summary.startswith("ok: 300 cases, 0 failed")
+    if shutil.which("g++"):  # the compiled kernel must have been among the backends
+        assert "cpp kernel loaded" in summary, summary
 
 
 TRIGGER = """

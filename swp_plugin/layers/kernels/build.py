@@ -131,8 +131,9 @@ def _compile(spec: Dict[str, object], timeout: float) -> None:
         child.communicate()
         raise TimeoutError(f"the kernel build took longer than {timeout:g} s (SWP_KERNEL_TIMEOUT)") from None
     if child.returncode != 0 or not Path(str(spec["ok"])).exists():
-        tail = output.strip().splitlines()[-12:]
-        raise RuntimeError("kernel build failed: " + " | ".join(tail))
+        lines = output.strip().splitlines()
+        errors = [line for line in lines if "error" in line.lower()][:6] or lines[-12:]
+        raise RuntimeError("kernel build failed: " + " | ".join(errors))
 
 
 def load() -> None:

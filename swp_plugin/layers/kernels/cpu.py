@@ -128,11 +128,8 @@ def kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    out_hw: Tuple[int, int], stride: Tuple[int, int], residual: torch.Tensor | None = None,
                    act: str | None = None) -> torch.Tensor:
     """One call of the kernel (no autograd): ``x`` float32 CPU NCHW, ``weight`` ``(S, C)`` in stored order."""
-    w = weight.detach()
-    if plan.perm is not None:
-        w = w.index_select(0, plan.perm.to(w.device))
     return torch.ops.swp_stripe.forward(
-        x, w, plan.phase_info, plan.ptr, plan.entries, None if bias is None else bias.detach(), residual,
+        x, weight.detach(), plan.perm, plan.phase_info, plan.ptr, plan.entries, None if bias is None else bias.detach(), residual,
         out_hw[0], out_hw[1], stride[0], stride[1], tile_pixels(weight.shape[0], weight.shape[1]), ACTIVATIONS[act])
 
 

@@ -6,8 +6,8 @@
 // offset (the tile's Y is still in cache), then the activation. Stride s is handled by splitting the input into
 // s*s phases (polyphase), so a stripe reads its phase image with a stride-1 shift. Zero padding is the range clip.
 //
-// Weights are read as they are stored: row-major (S x C), rows in phase order (the caller permutes them for
-// strided convs). Nothing derived from the weights is kept between calls.
+// Weights are read as they are stored: row-major (S x C); `rows` lists them in the kernel's (stride phase) order
+// where that differs. Nothing derived from the weights is kept between calls.
 //
 // Built with -DSWP_CHECKED (the sanitizer build), every pointer range a vector instruction touches is checked
 // against the buffer it must stay in (AddressSanitizer does not see AVX-512 masked loads and stores).
@@ -54,7 +54,7 @@ struct Tile {
 };
 
 struct Buffers {  // per thread
-  std::vector<float> x, y;
+  std::vector<float> x, y, a;
 };
 
 // Row-major C(m x n) = A(m x k) @ B(k x n), leading dims lda, ldb, ldc.
@@ -63,13 +63,16 @@ struct Buffers {  // per thread
 // CPUs, at half the speed of this kernel (and of oneDNN's dense convolution) there.
 constexpr int64_t MR = 12;
 
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                 int64_t ldc) {
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const int64_t* arows,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, std::vector<float>& /*abuf*/) {
   for (int64_t r0 = 0; r0 < m; r0 += MR) {
     const int64_t nr = std::min<int64_t>(MR, m - r0);
     const float* ar[MR];
 #pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) ar[r] = a + (r0 + std::min<int64_t>(r, nr - 1)) * lda;  // extra rows: not stored
+    for (int r = 0; r < MR; ++r) {  // extra rows (r >= nr) repeat the last one and are not stored
+      const int64_t row = r0 + std::min<int64_t>(r, nr - 1);
+      ar[r] = a + (arows ? arows[row] : row) * lda;
+    }
     for (int64_t j = 0; j < n; j += 32) {
       const int64_t nc = std::min<int64_t>(32, n - j);
       const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
@@ -101,8 +104,15 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, c
   }
 }
 #else
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                 int64_t ldc) {  // column-major sgemm of the transposed problem
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const int64_t* arows,
+                 const float* b, int64_t ldb, float* c, int64_t ldc, std::vector<float>& abuf) {
+  if (arows) {  // BLAS needs A contiguous: gather its rows
+    abuf.resize(m * k);
+    for (int64_t r = 0; r < m; ++r) std::memcpy(abuf.data() + r * k, a + arows[r] * lda, sizeof(float) * k);
+    a = abuf.data();
+    lda = k;
+  }
+  // column-major sgemm of the transposed problem
   const char no = 'N';
   const float one = 1.f, zero = 0.f;
   int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
@@ -148,7 +158,7 @@ struct Layer {  // everything a tile needs, read-only
   const float *x, *w, *bias, *residual;
   float* out;
   const std::vector<Phase>* phases;
-  const int64_t *ptr, *ent;
+  const int64_t *ptr, *ent, *rows;  // rows: weight row of each stripe in kernel (phase) order, or null: identity
   int64_t N, C, H, W, O, S, out_h, out_w, sh, sw, act;
 };
 
@@ -201,8 +211,11 @@ void run_tile(const Tile& t, const Layer& L, Buffers& buf) {
       ldb = cols[p];
     }
     SWP_RANGE(Y + yoff[p], ph.count * cols[p], buf.y.data(), ysize);
-    SWP_RANGE(L.w + ph.start * C, ph.count * C, L.w, L.S * C);
-    gemm(ph.count, cols[p], C, L.w + ph.start * C, C, bmat, ldb, Y + yoff[p], cols[p]);
+    const int64_t* arows = L.rows ? L.rows + ph.start : nullptr;
+#if defined(SWP_CHECKED)
+    for (int64_t r = 0; r < ph.count; ++r) SWP_RANGE(L.w + (arows ? arows[r] : ph.start + r) * C, C, L.w, L.S * C);
+#endif
+    gemm(ph.count, cols[p], C, arows ? L.w : L.w + ph.start * C, C, arows, bmat, ldb, Y + yoff[p], cols[p], buf.a);
   }
   // shift-add: out[n, o, h, :] = act(bias[o] + residual + sum over stripes e of o of Y_e[h + qy_e, : + qx_e])
   // Narrow images (out_w < 32, same width as Y): one flat add over the stripe's rows, the columns that
@@ -259,8 +272,9 @@ void run_tile(const Tile& t, const Layer& L, Buffers& buf) {
 }
 
 // weight_: (S, C) float32, rows in phase order; C = x.size(1)
-at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& phase_info_,
-                               const at::Tensor& ptr_, const at::Tensor& entries_, const std::optional<at::Tensor>& bias_,
+at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& rows_,
+                               const at::Tensor& phase_info_, const at::Tensor& ptr_, const at::Tensor& entries_,
+                               const std::optional<at::Tensor>& bias_,
                                const std::optional<at::Tensor>& residual_, int64_t out_h, int64_t out_w, int64_t sh,
                                int64_t sw, int64_t tile_pixels, int64_t act) {
   TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x: float32 CPU NCHW");
@@ -275,7 +289,13 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = ptr.size(0) - 1;
   TORCH_CHECK(ent.dim() == 2 && ent.size(1) == 4 && ent.size(0) == w.size(0) && pinfo.dim() == 2 &&
               pinfo.size(1) == 6, "plan does not match the weight");
-  at::Tensor bias, residual;
+  at::Tensor bias, residual, order;
+  if (rows_.has_value() && rows_->defined()) {
+    order = rows_->contiguous();
+    TORCH_CHECK(order.scalar_type() == at::kLong && order.numel() == w.size(0), "rows: int64 (S,)");
+    const int64_t* rp = order.data_ptr<int64_t>();
+    for (int64_t i = 0; i < order.numel(); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < w.size(0), "rows: out of range");
+  }
   if (bias_.has_value() && bias_->defined()) {
     bias = bias_->contiguous();
     TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == O, "bias: float32 (O,)");
@@ -325,6 +345,7 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
 
   const Layer L{x.data_ptr<float>(), w.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
                 residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), &phases, pp, ep,
+                order.defined() ? order.data_ptr<int64_t>() : nullptr,
                 N, C, H, W, O, w.size(0), out_h, out_w, sh, sw, act};
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   if (ntiles == 1) {
@@ -342,7 +363,7 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
 }  // namespace
 
 TORCH_LIBRARY(swp_stripe, m) {
-  m.def("forward(Tensor x, Tensor weight, Tensor phase_info, Tensor ptr, Tensor entries, Tensor? bias, "
+  m.def("forward(Tensor x, Tensor weight, Tensor? rows, Tensor phase_info, Tensor ptr, Tensor entries, Tensor? bias, "
         "Tensor? residual, int out_h, int out_w, int sh, int sw, int tile_pixels, int act) -> Tensor");
 }
 
