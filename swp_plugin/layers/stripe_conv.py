@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.modules.utils import _pair
 
+from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .kernels.select import fastest
 from .layout import scatter_dense, standard_layout
@@ -258,13 +259,19 @@ class StripeConv2d(nn.Module):
     def _refresh(self) -> None:
         """Recompute the per-position stripe counts (Python ints: the forward loop is static); forget the
         kernel plans, the cached dense kernel and the backend choices (they depend on the structure)."""
-        kh, kw = self.kernel_size
-        counts = torch.bincount(self.stripe_pos.cpu(), minlength=kh * kw)
-        self._position_counts = [int(c) for c in counts[: kh * kw]]
+        self._position_counts = position_counts(self.stripe_pos, self.kernel_size)
         self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
         self._dense_cache: Tuple[torch.Tensor, torch.Tensor] | None = None
         self._selection_cache: tuple | None = None
         self.choices.clear()
+
+    def __getstate__(self) -> dict:
+        """Pickle without what this process measured or built (backend choices, plans, caches): a model saved
+        with ``torch.save(model)`` decides again where it is loaded (the kernel may not be loaded there)."""
+        state = self.__dict__.copy()
+        state.update(choices={}, _plans={}, _dense_cache=None, _selection_cache=None)
+        state.pop("_last_backend", None)
+        return state
 
     # ------------------------------------------------------------------ forward
     def _padding_ltrb(self, x: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -356,41 +363,23 @@ class StripeConv2d(nn.Module):
                                           self.dilation, pad, dense_index, self.kernel_size)
 
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure PyTorch on the padded input: per kernel position one 1x1 conv of the strided, shifted window
-        with that position's stripes; the partial sums (stripe order) are concatenated and routed to their
-        output channels by a 1x1 conv with a 0/1 selection matrix (no scatter: exports to ONNX Conv/Slice/
-        Concat only, which onnxruntime runs well)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        height, width = x.shape[-2:]
-        out_h = (height - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        """Pure PyTorch on the padded input (:func:`.functional.stripe_conv_pytorch`)."""
         weight = self.weight  # read once: it may be parametrized (a Filter Skeleton in a second round)
-        parts, start = [], 0
-        for pos, count in enumerate(self._position_counts):
-            if count == 0:
-                continue
-            i, j = divmod(pos, kw)
-            window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-            stripes = standard_layout(weight[start : start + count, :, None, None])
-            parts.append(F.conv2d(standard_layout(window), stripes))
-            start += count
-        partial = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return F.conv2d(partial, self._selection(weight), self.bias)
+        return stripe_conv_pytorch(x, weight, self._selection(weight), self.bias, self._position_counts,
+                                   self.kernel_size, self.stride, self.dilation)
 
     def _selection(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(out, S, 1, 1)`` 0/1: stripe ``s`` feeds output channel ``stripe_out[s]`` (structure only: cached per
-        device/dtype, as a normal tensor also when first built in inference mode; built in the graph while
-        tracing, so that every trace is the same)."""
+        """The ``(out, S, 1, 1)`` stripe-to-channel selection (structure only: cached per device/dtype, as a
+        normal tensor also when first built in inference mode; built in the graph while tracing, so that every
+        trace is the same)."""
         key = (weight.device, weight.dtype)
         cached = self._selection_cache
-        if cached is None or cached[0] != key or torch.jit.is_tracing():
+        if torch.jit.is_tracing():
+            return selection_matrix(self.stripe_out, self.out_channels, weight.dtype)
+        if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():
-                sel = torch.zeros(self.out_channels, self.num_stripes, device=weight.device, dtype=weight.dtype)
-                sel[self.stripe_out, torch.arange(self.num_stripes, device=weight.device)] = 1
-            if torch.jit.is_tracing():
-                return sel[:, :, None, None]
-            cached = (key, sel[:, :, None, None])
-            self._selection_cache = cached
+                cached = self._selection_cache = (key, selection_matrix(self.stripe_out, self.out_channels,
+                                                                        weight.dtype))
         return cached[1]
 
     def extra_repr(self) -> str:

@@ -129,8 +129,9 @@ def kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    act: str | None = None) -> torch.Tensor:
     """One call of the kernel (no autograd): ``x`` float32 CPU NCHW, ``weight`` ``(S, C)`` in stored order."""
     return torch.ops.swp_stripe.forward(
-        x, weight.detach(), plan.perm, plan.phase_info, plan.ptr, plan.entries, None if bias is None else bias.detach(), residual,
-        out_hw[0], out_hw[1], stride[0], stride[1], tile_pixels(weight.shape[0], weight.shape[1]), ACTIVATIONS[act])
+        x, weight.detach(), plan.perm, plan.phase_info, plan.ptr, plan.entries, None if bias is None else bias.detach(),
+        residual, out_hw[0], out_hw[1], stride[0], stride[1], tile_pixels(weight.shape[0], weight.shape[1]),
+        ACTIVATIONS[act])
 
 
 class _StripeCpu(torch.autograd.Function):
