@@ -1,4 +1,4 @@
-"""swp_plugin.pruning.graph: nested time limits (graph build, group search)."""
+"""swp_plugin.utils.timeout (nested time limits) and swp_plugin.pruning.graph (graph builds that leave nothing)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from swp_plugin.pruning.graph import time_limit
+from swp_plugin.utils import time_limit
 
 
 def _spin(seconds: float) -> None:

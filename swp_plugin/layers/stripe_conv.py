@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.modules.utils import _pair
 
+from ..utils import fastest
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
-from .kernels.select import fastest
 from .layout import scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, static_padding
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.stripe_conv import StripeConv2d
-from ..pruning.graph import run_with_hooks
+from ..utils import run_with_hooks
 
 
 @torch.no_grad()

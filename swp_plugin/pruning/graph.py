@@ -1,79 +1,14 @@
-"""Building torch-pruning's DependencyGraph with a time limit, and running a model on example inputs."""
+"""Building torch-pruning's DependencyGraph with a time limit, without leaving anything on the model."""
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-import time
-from typing import Callable, Dict, Iterable, Iterator, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-
-def run_model(model: nn.Module, inputs):
-    """Call ``model`` on example inputs given as a tensor, a tuple/list of args, or a dict of kwargs."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-@torch.no_grad()
-def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callable, inputs) -> None:
-    """One eval-mode forward of ``inputs`` with ``hook`` as a forward hook on ``modules`` (train mode and
-    hooks restored afterwards)."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        run_model(model.eval(), inputs)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-
-
-def flat_outputs(output) -> List[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple/list or dict, nested)."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        return [t for o in output for t in flat_outputs(o)]
-    return []
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None, what: str = "DepGraph work") -> Iterator[None]:
-    """Raise ``TimeoutError`` in the block after ``seconds`` (main thread only; elsewhere no limit).
-
-    Nests: inside another ``time_limit`` the sooner deadline wins, and the outer one keeps running.
-    """
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    outer_left, _ = signal.getitimer(signal.ITIMER_REAL)
-    if outer_left and outer_left <= seconds:  # the enclosing limit fires first
-        yield
-        return
-
-    def _raise(signum, frame):
-        raise TimeoutError(f"{what} took longer than {seconds:g} s")
-
-    start = time.monotonic()
-    previous = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_left:
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - start), 1e-3))
+from ..utils import time_limit
 
 
 def build_graph(model: nn.Module, example_inputs, options: Dict, timeout: float | None = None

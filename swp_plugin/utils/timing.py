@@ -1,4 +1,4 @@
-"""One-time micro-benchmark used by ``StripeConv2d(backend='auto')`` to pick its backend."""
+"""Side-by-side timing of alternatives (the auto backend of ``StripeConv2d``, deployment's per-layer choice)."""
 
 from __future__ import annotations
 
