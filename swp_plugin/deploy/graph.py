@@ -47,6 +47,8 @@ class DeployTracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule:
     """An ``fx.GraphModule`` of ``model`` (raises what ``torch.fx`` raises for untraceable models)."""
     graph = DeployTracer().trace(model)
+    for node in graph.nodes:  # annotations name aliases TorchScript cannot resolve; Tensor is its default
+        node.type = None
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..layers.stripe_conv import StripeConv2d
 from ..utils import time_limit
 
 
@@ -38,3 +39,18 @@ _HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_
 
 def _hook_keys(module: nn.Module) -> set:
     return {key for table in _HOOK_TABLES for key in getattr(module, table)}
+
+
+def norm_after(DG: tp.DependencyGraph) -> Dict[nn.Module, nn.Module]:
+    """Each conv / ``StripeConv2d`` whose output is read only by a BatchNorm with running statistics (and that
+    BatchNorm reads nothing else) -> that BatchNorm: the pairs a fold or a rescale may treat as one."""
+    pairs: Dict[nn.Module, nn.Module] = {}
+    for layer, node in DG.module2node.items():
+        if not isinstance(layer, (nn.Conv2d, StripeConv2d)) or len(node.outputs) != 1:
+            continue
+        norm = node.outputs[0]
+        bn = norm.module
+        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
+                and bn.running_var is not None and len(norm.inputs) == 1):
+            pairs[layer] = bn
+    return pairs

@@ -22,6 +22,7 @@ import torch_pruning as tp
 
 from ..layers import StripeConv2d
 from ..pruning import customized_pruners
+from ..pruning.graph import build_graph, norm_after
 from .training import lr_sum
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -142,18 +143,10 @@ def filter_norm_rms(model: nn.Module) -> Dict[str, float]:
 
 def feeding_batchnorms(model: nn.Module, example_inputs) -> Dict[str, nn.Module]:
     """Qualified name of each conv / ``StripeConv2d`` whose output goes only into a BatchNorm (with running
-    statistics) -> that BatchNorm, found in torch-pruning's DependencyGraph."""
-    with torch.enable_grad():  # DependencyGraph traces with autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=customized_pruners())
+    statistics) -> that BatchNorm (:func:`swp_plugin.pruning.graph.norm_after` on torch-pruning's DependencyGraph)."""
+    graph = build_graph(model, example_inputs, {"customized_pruners": customized_pruners()})
     names = {m: n for n, m in model.named_modules()}
-    pairs: Dict[str, nn.Module] = {}
-    for layer, node in graph.module2node.items():
-        if not isinstance(layer, (nn.Conv2d, StripeConv2d)) or layer not in names or len(node.outputs) != 1:
-            continue
-        bn = node.outputs[0].module
-        if isinstance(bn, _BN) and bn.track_running_stats and bn.running_var is not None:
-            pairs[names[layer]] = bn
-    return pairs
+    return {names[layer]: bn for layer, bn in norm_after(graph).items() if layer in names}
 
 
 @torch.no_grad()
