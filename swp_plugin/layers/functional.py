@@ -1,5 +1,5 @@
 """Stripe convolution in plain PyTorch ops (the exportable form), shared by ``StripeConv2d`` and the deployed
-layer (``swp_plugin.deploy.DeployedStripeConv2d``) when they are exported to ONNX or have no compiled kernel."""
+layer (``swp_plugin.deployment.DeployedStripeConv2d``) when they are exported to ONNX or have no compiled kernel."""
 
 from __future__ import annotations
 

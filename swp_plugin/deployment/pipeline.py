@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.stripe_conv import DYNAMIC_SAME_CONVS, StripeConv2d
+from ..persistence import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
@@ -62,7 +63,8 @@ class DeployReport:
 
 
 def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_convs: bool = True,
-           fuse: bool = True, verify: bool = True, tolerance: float | None = None) -> nn.Module:
+           fuse: bool = True, verify: bool = True, tolerance: float | None = None,
+           choices: Dict[str, str] | None = None) -> nn.Module:
     """Return a copy of ``model`` fixed for inference on this machine (see the module docstring).
 
     Args:
@@ -72,19 +74,24 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
         dense_convs: also consider the stripe kernel for plain ``groups=1`` convolutions (all stripes kept).
         fuse: fold BatchNorms and fuse ReLU / residual adds into kernel layers.
         verify: compare outputs with ``model``'s; ``tolerance`` defaults to 1e-4 (float32).
+        choices: layer name -> ``'kernel'`` / ``'dense'`` instead of measuring (``swp_plugin.load`` replays the
+            choices recorded in a saved deployed model this way).
     """
     _check_deployable(model)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance)
+        return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices)
     finally:
         torch.set_num_threads(previous)
 
 
-def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance) -> nn.Module:
+def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices) -> nn.Module:
     report = DeployReport(threads=torch.get_num_threads())
+    source = {"structure": describe(model), "dense_convs": dense_convs, "fuse": fuse,
+              "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+              "example": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in _as_args(example_inputs)]}
     was_training = model.training
     probes = probe_inputs(example_inputs)
     with torch.no_grad():
@@ -100,7 +107,7 @@ def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance) -> nn.M
     if fuse:
         report.folded = (fold_batchnorms(deployed) if report.traced
                          else _fold_without_trace(deployed, example_inputs))
-    _choose_implementations(deployed, example_inputs, dense_convs, report)
+    _choose_implementations(deployed, example_inputs, dense_convs, report, choices)
     if fuse and report.traced and any(c["impl"] == "kernel" for c in report.choices):
         with torch.no_grad():
             ShapeProp(deployed).propagate(*_as_args(example_inputs))
@@ -109,7 +116,18 @@ def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance) -> nn.M
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         _verify(deployed, probes, reference, tolerance or TOLERANCE.get(dtype, 1e-2))
     deployed.deploy_report = report
+    deployed.deploy_source = {**source, "choices": {c["layer"]: c["impl"] for c in report.choices}}
     return deployed
+
+
+def jit_load(path, map_location=None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a scripted or traced deployed model: loads the compiled stripe kernel first (its op
+    must be registered before TorchScript can resolve it); raises ``RuntimeError`` saying why if it cannot."""
+    if not cpu_kernel.available():
+        raise RuntimeError(f"the compiled stripe kernel is unavailable here ({cpu_kernel.build_error()}); a "
+                           "scripted deployed model needs it. Load the swp_plugin.save file instead (it falls back "
+                           "to PyTorch ops) or fix the build")
+    return torch.jit.load(path, map_location=map_location)
 
 
 def _check_deployable(model: nn.Module) -> None:
@@ -151,7 +169,8 @@ def _candidates(model: nn.Module, dense_convs: bool) -> Dict[str, nn.Module]:
 
 
 @torch.no_grad()  # not inference mode: the modules made here must be plain tensors
-def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool, report: DeployReport) -> None:
+def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool, report: DeployReport,
+                            given: Dict[str, str] | None) -> None:
     layers = _candidates(model, dense_convs)
     inputs: Dict[str, torch.Tensor] = {}
     def keep(name: str):
@@ -176,12 +195,16 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
             report.choices.append({"layer": name, "impl": "dense", "why": why})
             continue
         candidate = DeployedStripeConv2d.from_stripe(stripe)
-        times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
-        impl = "kernel" if times["kernel"] < MARGIN * times["dense"] else "dense"
-        _swap(model, name, candidate if impl == "kernel" else dense)
-        report.choices.append({"layer": name, "impl": impl, "dense_ms": round(1e3 * times["dense"], 4),
-                               "kernel_ms": round(1e3 * times["kernel"], 4), "stripes": stripe.num_stripes,
-                               "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]})
+        choice = {"layer": name, "stripes": stripe.num_stripes,
+                  "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]}
+        if given is not None:
+            choice["impl"] = given.get(name, "dense")
+        else:
+            times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
+            choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
+                          dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
+        _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
+        report.choices.append(choice)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

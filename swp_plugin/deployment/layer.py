@@ -9,7 +9,7 @@ the layer scripts (``torch.jit.script``), traces and compiles with no Python bet
 The layer owns its derived form (the weights *are* the folded stripes): there is no cache to go stale. Where
 the kernel cannot run (not built on this machine, a non-float32 or non-CPU input) it computes the same function
 with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_form``: ``'dense'`` or
-``'stripe'``, see :mod:`swp_plugin.deploy.onnx`).
+``'stripe'``, see :mod:`swp_plugin.deployment.onnx`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class DeployedStripeConv2d(nn.Module):
         top, left = (pad[2], pad[0]) if self.kernel_pads else (0, 0)
         plan = cpu_kernel.make_plan(layer.stripe_out, layer.stripe_pos, self.out_channels, self.kernel_size,
                                     self.stride, self.dilation, top, left)
+        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
         self.register_buffer("rows", plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long))
         self.register_buffer("phase_info", plan.phase_info)
         self.register_buffer("ptr", plan.ptr)
@@ -105,7 +106,7 @@ class DeployedStripeConv2d(nn.Module):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
         out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-        rows = self.rows if self.rows.numel() > 0 else None
+        rows = self.rows if self.reorder else None
         return torch.ops.swp_stripe.forward(x, self.weight, rows, self.phase_info, self.ptr, self.entries, self.bias,
                                             residual, out_h, out_w, sh, sw, self.tile, self.act_code)
 
