@@ -137,7 +137,7 @@ def test_attached_skeletons_are_refused():
 
 @needs_cpp
 def test_deployed_layer_falls_back_to_pytorch_where_the_kernel_cannot_run(monkeypatch):
-    import swp_plugin.deployment.layer as layer_module
+    import swp_plugin.layers.deployed as layer_module
 
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)

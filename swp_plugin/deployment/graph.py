@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, get_notrace_functions, is_notrace_module
 
+from ..layers.deployed import DeployedStripeConv2d
 from ..layers.stripe_conv import StripeConv2d
 from ..skeleton.attach import MASK_SAFE_CONVS
-from .layer import DeployedStripeConv2d
 
 _BN = nn.modules.batchnorm._BatchNorm
 LEAVES = (nn.Conv2d, StripeConv2d, DeployedStripeConv2d, _BN)

@@ -29,13 +29,13 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
+from ..layers.deployed import DeployedStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.stripe_conv import DYNAMIC_SAME_CONVS, StripeConv2d
 from ..persistence import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
-from .layer import DeployedStripeConv2d
 
 #: the kernel replaces PyTorch's dense convolution only if it is at least this much faster
 MARGIN = 0.97

@@ -22,11 +22,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from ..layers.functional import position_counts, selection_matrix, stripe_conv_pytorch
-from ..layers.kernels import cpu as cpu_kernel
-from ..layers.layout import scatter_dense
-from ..layers.padding import static_padding
-from ..layers.stripe_conv import StripeConv2d
+from .functional import position_counts, selection_matrix, stripe_conv_pytorch
+from .kernels import cpu as cpu_kernel
+from .layout import scatter_dense
+from .padding import static_padding
+from .stripe_conv import StripeConv2d
 
 ACTIVATIONS = ("none", "relu")
 _warned: List[bool] = [False]
