@@ -91,6 +91,8 @@ def test_scripted_and_traced_deployed_model():
         traced = torch.jit.trace(deployed, x)
         assert rel_err(y, scripted(x)) < 1e-6 and rel_err(y, traced(x)) < 1e-6
         assert "swp_stripe::forward" in str(scripted.graph)
+        compiled = torch.compile(deployed, backend="eager", fullgraph=True)
+        assert rel_err(y, compiled(x)) < 1e-6
 
 
 @needs_cpp

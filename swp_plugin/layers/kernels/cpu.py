@@ -54,12 +54,18 @@ def available() -> bool:
                 try:
                     if not hasattr(torch.ops.swp_stripe, "forward"):  # another copy of the package loaded it
                         build.load()
+                        torch.library.register_fake("swp_stripe::forward")(_fake_forward)
                     _state["loaded"] = True
                 except Exception as error:  # no compiler, build error, time limit: fall back, say why once
                     _state["loaded"], _state["error"] = False, f"{type(error).__name__}: {error}"
                     warnings.warn(f"swp_plugin: compiled stripe kernel unavailable, using PyTorch paths "
                                   f"({_state['error'][:400]})", RuntimeWarning, stacklevel=3)
     return bool(_state["loaded"])
+
+
+def _fake_forward(x, weight, rows, phase_info, ptr, entries, bias, residual, out_h, out_w, sh, sw, tile, act):
+    """Shape of the op's output, for ``torch.compile`` / ``torch.export`` (fake tensors)."""
+    return x.new_empty((x.shape[0], ptr.shape[0] - 1, out_h, out_w))
 
 
 @dataclass
