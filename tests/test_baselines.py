@@ -67,7 +67,7 @@ def test_shape_wise_threshold_kills_whole_positions():
     model.train()
     F.cross_entropy(model(x), torch.arange(4)).backward()
     pruner.regularize(model)
-    alive = pruner._skeleton(next(iter(pruner.skeletons))).alive
+    alive = pruner.skeleton(next(iter(pruner.skeletons))).alive
     assert not alive[:, 0, 0].any() and alive[:, 1:, :].all()
 
 

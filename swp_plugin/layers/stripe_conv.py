@@ -217,6 +217,14 @@ class StripeConv2d(nn.Module):
         kh, kw = self.kernel_size
         return scatter_dense(self.weight, self.stripe_out * kh * kw + self.stripe_pos, self.out_channels, kh, kw)
 
+    def per_filter(self, values: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """Reduce per-stripe ``values`` ``(S,)`` to one value per output channel ``(out,)``: ``'sum'``,
+        ``'amax'`` (0 for a filter without stripes) or ``'any'`` (bool) over the filter's stripes."""
+        if reduce == "any":
+            return self.per_filter(values.float(), "sum") > 0
+        out = values.new_zeros(self.out_channels)
+        return out.scatter_reduce(0, self.stripe_out.to(values.device), values, reduce, include_self=True)
+
     def select_stripes(self, keep: torch.Tensor) -> None:
         """Keep only the stripes where ``keep`` (``(S,)`` bool) is True. Order stays sorted."""
         keep = keep.to(self.weight.device)

@@ -26,6 +26,7 @@ from torch_pruning import ops
 from ..layers.stripe_conv import StripeConv2d
 from ..utils import run_model, time_limit
 from .functions import STRIPE_CONV_PRUNER
+from .notes import CLEANUP_SKIPPED, Note
 
 #: seconds allowed to torch-pruning for building one channel group (normally milliseconds)
 GROUP_TIMEOUT = 2.0
@@ -52,9 +53,6 @@ _PASS_THROUGH_TYPES = {
     ops.OPTYPE.UNBIND,
     ops.OPTYPE.PARAMETER,
 }
-#: Per-channel norms whose affine params ``regularize`` masks for a dead filter.
-MASKABLE_NORMS: Tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
-
 RootPlan = Tuple[nn.Module, Callable, List[int]]
 
 
@@ -67,36 +65,17 @@ def dead_outputs(module: nn.Module) -> torch.Tensor:
     """``(out,)`` bool: output channels whose weights and bias are all exactly zero."""
     weight = module.weight.detach()
     if isinstance(module, StripeConv2d):
-        live = torch.zeros(module.out_channels, device=weight.device)
-        live.index_add_(0, module.stripe_out, weight.ne(0).any(dim=1).float())
-        dead = live.eq(0)
+        dead = ~module.per_filter(weight.ne(0).any(dim=1), "any")
     else:
         dead = weight.flatten(1).eq(0).all(dim=1)
     return dead & _zero_bias(module, dead.shape[0], weight.device)
 
 
-def fed_norms(DG: tp.DependencyGraph, module: nn.Module) -> List[nn.Module]:
-    """The per-channel norms that read ``module``'s output through single-input ops only (no add/concat)."""
-    node = DG.module2node.get(module)
-    found: List[nn.Module] = []
-    stack = list(node.outputs) if node is not None else []
-    seen = set()
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if isinstance(n.module, MASKABLE_NORMS):
-            if n.module.affine:
-                found.append(n.module)
-        elif n.type == ops.OPTYPE.ELEMENTWISE and len(n.inputs) == 1:
-            stack.extend(n.outputs)
-    return found
-
-
 @torch.no_grad()
-def record_input_amax(model: nn.Module, probe_inputs: Sequence) -> Dict[nn.Module, torch.Tensor]:
-    """Per-channel max |input| of every conv / linear / stripe conv over forwards of ``probe_inputs``."""
+def record_input_amax(model: nn.Module, probe_inputs: Sequence, forward: Callable = run_model
+                      ) -> Dict[nn.Module, torch.Tensor]:
+    """Per-channel max |input| of every conv / linear / stripe conv over forwards of ``probe_inputs``
+    (``forward(model, inputs)``)."""
     amax: Dict[nn.Module, torch.Tensor] = {}
 
     def hook(module, inputs):
@@ -113,7 +92,7 @@ def record_input_amax(model: nn.Module, probe_inputs: Sequence) -> Dict[nn.Modul
     ]
     try:
         for inputs in probe_inputs:
-            run_model(model, inputs)
+            forward(model, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -147,17 +126,20 @@ def plan_channel_removal(
     DG: tp.DependencyGraph,
     roots: Iterable[nn.Module],
     input_amax: Dict[nn.Module, torch.Tensor],
+    names: Dict[nn.Module, str] | None = None,
     group_timeout: float | None = GROUP_TIMEOUT,
-) -> Tuple[List[RootPlan], List[str]]:
+) -> Tuple[List[RootPlan], List[Note]]:
     """Decide, before anything is pruned, which dead filters of ``roots`` are removed with their channel.
 
     Returns ``(plan, notes)``: ``plan`` lists ``(root module, its out-channel pruning fn, root indices)``
     (root indices stay valid while other groups are pruned; build each group right before pruning it);
-    ``notes`` says which groups were blocked and why. A group torch-pruning does not build within
+    ``notes`` says which groups were blocked and why (``names``: module -> qualified name, for the notes).
+    A group torch-pruning does not build within
     ``group_timeout`` seconds (its group search does not end on some attention blocks) is left alone.
     """
     plan: List[RootPlan] = []
-    notes: List[str] = []
+    notes: List[Note] = []
+    names = names or {}
     covered: Set[Tuple[int, Callable]] = set()
     for root in roots:
         if root not in DG.module2node:
@@ -168,21 +150,22 @@ def plan_channel_removal(
         dead = dead_outputs(root).nonzero().flatten().tolist()
         if not dead:
             continue
-        name = DG._module2name.get(root, type(root).__name__)
+        name = names.get(root, type(root).__name__)
         try:
             with time_limit(group_timeout, "torch-pruning's group search"):
                 group = DG.get_pruning_group(root, fn, dead)
                 covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
                 keep = removable_roots(group, input_amax)
                 if keep is None:
-                    notes.append(f"{name}: {len(dead)} dead filters kept (their channel group cannot be pruned "
-                                 "exactly)")
+                    notes.append(Note(CLEANUP_SKIPPED, name, f"{len(dead)} dead filters kept (their channel group "
+                                                             "cannot be pruned exactly)"))
                     continue
                 idxs = sorted(keep)
                 while idxs and not DG.check_pruning_group(DG.get_pruning_group(root, fn, idxs)):
                     idxs = idxs[:-1]  # torch-pruning's rule: keep at least one channel in every layer
-        except Exception as err:  # noqa: BLE001 - torch-pruning cannot map this group (split/concat index errors)
-            notes.append(f"{name}: {len(dead)} dead filters kept (torch-pruning: {type(err).__name__}: {err})")
+        except Exception as err:  # torch-pruning cannot map this group (split/concat index errors, time limit)
+            notes.append(Note(CLEANUP_SKIPPED, name, f"{len(dead)} dead filters kept (torch-pruning: "
+                                                     f"{type(err).__name__}: {err})"))
             continue
         if idxs:
             plan.append((root, fn, idxs))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning import ops
 
 from ..layers.stripe_conv import StripeConv2d
 from ..utils import time_limit
@@ -41,16 +42,44 @@ def _hook_keys(module: nn.Module) -> set:
     return {key for table in _HOOK_TABLES for key in getattr(module, table)}
 
 
+#: Per-channel norms a conv's filters feed (``regularize`` masks their affine params for a dead filter).
+MASKABLE_NORMS: Tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
+
+
+def fed_norms(DG: tp.DependencyGraph, module: nn.Module, direct: bool = False) -> List[nn.Module]:
+    """The per-channel norms that read ``module``'s output: through single-input element-wise ops (activations,
+    pooling; no add / concat), or with ``direct`` only a norm that is the output's sole reader and reads nothing
+    else. The one conv -> norm discovery of the project (masks, rescaling, BatchNorm folding)."""
+    node = DG.module2node.get(module)
+    if node is None:
+        return []
+    if direct:
+        if len(node.outputs) != 1 or len(node.outputs[0].inputs) != 1:
+            return []
+        return [n.module for n in node.outputs if isinstance(n.module, MASKABLE_NORMS)]
+    found: List[nn.Module] = []
+    stack, seen = list(node.outputs), set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n.module, MASKABLE_NORMS):
+            if n.module.affine:
+                found.append(n.module)
+        elif n.type == ops.OPTYPE.ELEMENTWISE and len(n.inputs) == 1:
+            stack.extend(n.outputs)
+    return found
+
+
 def norm_after(DG: tp.DependencyGraph) -> Dict[nn.Module, nn.Module]:
     """Each conv / ``StripeConv2d`` whose output is read only by a BatchNorm with running statistics (and that
     BatchNorm reads nothing else) -> that BatchNorm: the pairs a fold or a rescale may treat as one."""
     pairs: Dict[nn.Module, nn.Module] = {}
-    for layer, node in DG.module2node.items():
-        if not isinstance(layer, (nn.Conv2d, StripeConv2d)) or len(node.outputs) != 1:
-            continue
-        norm = node.outputs[0]
-        bn = norm.module
-        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats
-                and bn.running_var is not None and len(norm.inputs) == 1):
-            pairs[layer] = bn
+    for layer in DG.module2node:
+        if isinstance(layer, (nn.Conv2d, StripeConv2d)):
+            norms = [bn for bn in fed_norms(DG, layer, direct=True) if bn.track_running_stats
+                     and bn.running_var is not None]
+            if norms:
+                pairs[layer] = norms[0]
     return pairs

@@ -25,7 +25,7 @@ def filter_scores(layer: nn.Module, skeleton: torch.Tensor, p: int = 1) -> torch
     """Per output channel ``sum |FS|^p`` over the filter's stripes: ``(out,)``."""
     values = skeleton.detach().abs().float().pow(p)
     if isinstance(layer, StripeConv2d):
-        return torch.zeros(layer.out_channels, device=values.device).index_add_(0, layer.stripe_out, values)
+        return layer.per_filter(values)
     return values.flatten(1).sum(dim=1)
 
 

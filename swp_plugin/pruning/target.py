@@ -1,4 +1,5 @@
-"""Target-driven stripe selection: kill the least important stripes until MACs or params drop by ``r``.
+"""Target-driven stripe selection (``StripePruner(..., macs_reduction=r)``): kill the least important stripes until
+MACs or params drop by ``r``.
 
 Stripe importance is ``|FS| * ||W_stripe||_2`` (with untrained skeletons, FS = 1, it is the stripe's weight
 magnitude: a data-free start), divided by the mean importance of the stripe's layer so that layers compete
@@ -13,9 +14,18 @@ rehearsals correct it.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+import warnings
+from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn as nn
+
+from ..skeleton.attach import skeleton_input
+from ..utils import run_with_hooks
+
+if TYPE_CHECKING:
+    from .pruner import StripePruner
+    from .rehearsal import Rehearsal
 
 #: The reduction is accepted once within this distance of the target (the contract is 0.03).
 ACCEPT = 0.01
@@ -126,3 +136,65 @@ def search_kill_count(target: float, estimate: Callable[[int], float], measure: 
         lo, hi = (mid, hi) if measured[mid] < target else (lo, mid)
     best = min(measured, key=lambda k: abs(measured[k] - target))
     return best, measured[best]
+
+
+@torch.no_grad()
+def output_positions(model: nn.Module, layers: List[nn.Module], example_inputs) -> List[int]:
+    """Output positions ``H_out * W_out`` of each layer for one forward of the example inputs."""
+    sizes: Dict[int, int] = {}
+
+    def record(module, inputs, output) -> None:
+        sizes.setdefault(id(module), output.shape[-2] * output.shape[-1])
+
+    run_with_hooks(model, layers, record, example_inputs)
+    return [sizes.get(id(m), 0) for m in layers]
+
+
+def stripe_costs(layers: Sequence[nn.Module], metric: str, positions: Sequence[int] | None) -> List[float]:
+    """Per layer, what one stripe costs: ``C_in / groups`` params, times its output positions for MACs."""
+    return [layer.in_channels // getattr(layer, "groups", 1) * (positions[i] if metric == "macs" else 1)
+            for i, layer in enumerate(layers)]
+
+
+def reach_target(pruner: StripePruner, rehearsal: Rehearsal, goal: float) -> float:
+    """Kill the least important alive stripes of ``pruner``'s layers so that the pruned model's metric (MACs or
+    params, stripe indexes and channel cleanup included: every candidate is rehearsed) drops by ``goal``;
+    returns the reduction reached. Raises ``ValueError`` (nothing killed) if the target is out of reach."""
+    metric = pruner.options.target[0]
+    layers = [pruner.module(n) for n in pruner.names]
+    fs = [pruner.skeleton(n) for n in pruner.names]
+    scores = stripe_scores([f.skeleton for f in fs], [skeleton_input(m) for m in layers], [f.alive for f in fs])
+    if metric == "macs" and pruner.positions is None:
+        pruner.positions = output_positions(pruner.model, layers, pruner.example_inputs)
+    costs = stripe_costs(layers, metric, pruner.positions)
+    units = pruner.kill_units()
+    if units is not None:  # coarser granularity: rank and kill groups of stripes
+        scores, sizes = unit_scores(scores, units)
+        costs = [size * cost for size, cost in zip(sizes, costs)]
+    order, flats, cost = ranked_candidates(scores, costs, pruner.options.max_pruning_ratio)
+    dense = pruner.dense_counts[0 if metric == "macs" else 1]
+    shapes = [s.shape for s in scores]
+
+    def kills(k: int) -> List[torch.Tensor]:
+        masks = kill_masks(shapes, order, flats, k)
+        return masks if units is None else [m[u.to(torch.long).cpu()] for m, u in zip(masks, units)]
+
+    def measure(k: int) -> float:
+        return 1.0 - rehearsal.counts(kills(k))[0 if metric == "macs" else 1] / dense
+
+    start = measure(0)
+    cumulative = torch.cat([torch.zeros(1), torch.cumsum(cost, 0)]) / dense
+    k, reached = search_kill_count(goal, lambda i: start + float(cumulative[i]), measure, len(order))
+    if reached < goal - 0.03 and (reachable := measure(len(order))) < goal - 0.03:
+        raise ValueError(
+            f"{metric}_reduction target {goal:.3f} is unreachable: killing every stripe allowed by "
+            f"max_pruning_ratio={pruner.options.max_pruning_ratio:g} gives {reachable:.3f} (ignored layers and "
+            "non-conv layers keep the rest). Lower the target or raise max_pruning_ratio."
+        )
+    for name, kill in zip(pruner.names, kills(k)):
+        alive = pruner.skeleton(name).alive
+        pruner.kill_stripes(name, alive & ~kill.to(alive.device))
+    if abs(reached - goal) > 0.03:
+        warnings.warn(f"StripePruner: reached {metric}_reduction {reached:.3f} for a target of {goal:.3f} "
+                      "(the closest the stripe granularity allows)", stacklevel=4)
+    return reached

@@ -61,13 +61,12 @@ class ShapeWisePruner(StripePruner):
     @torch.no_grad()
     def tie_gradients(self) -> None:
         """Each FS entry's gradient becomes the sum over the layer's filters (same kernel position)."""
-        modules = self._modules_by_name
         for name, fs in self.skeletons.items():
             if fs.grad is None:
                 continue
             if fs.dim() == 1:  # a StripeConv2d (second round): tie the stripes of each kernel position
-                pos = modules[name].stripe_pos.to(fs.device)
-                kh, kw = modules[name].kernel_size
+                pos = self.module(name).stripe_pos.to(fs.device)
+                kh, kw = self.module(name).kernel_size
                 total = torch.zeros(kh * kw, dtype=fs.grad.dtype, device=fs.device).index_add_(0, pos, fs.grad)
                 fs.grad.copy_(total[pos])
             else:
@@ -78,11 +77,12 @@ class ShapeWisePruner(StripePruner):
         self.tie_gradients()
         super().regularize(model, reg)
 
-    def _kill_units(self) -> List[torch.Tensor]:
+    def kill_units(self) -> List[torch.Tensor]:
+        """One unit per kernel position of a layer (all its filters' stripes there)."""
         units = []
-        for name in self._names:
-            layer = self._modules_by_name[name]
-            fs = self._skeleton(name).skeleton
+        for name in self.names:
+            layer = self.module(name)
+            fs = self.skeleton(name).skeleton
             if fs.dim() == 1:
                 units.append(layer.stripe_pos.detach().cpu())
             else:

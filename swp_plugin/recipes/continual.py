@@ -153,7 +153,7 @@ def _filter_norms(layer: nn.Module) -> torch.Tensor:
     """L2 norm of each output filter of a conv or ``StripeConv2d``."""
     if isinstance(layer, StripeConv2d):
         squares = layer.weight.detach().pow(2).sum(1)
-        return torch.zeros(layer.out_channels, device=squares.device).index_add_(0, layer.stripe_out, squares).sqrt()
+        return layer.per_filter(squares).sqrt()
     return layer.weight.detach().flatten(1).norm(dim=1)
 
 
@@ -227,8 +227,7 @@ def renormalize_skeletons(
             continue
         layer = modules[name]
         if fs.dim() == 1:  # a StripeConv2d in a second round: one FS value per kept stripe
-            peak = torch.zeros(layer.out_channels, dtype=fs.dtype, device=fs.device)
-            peak = peak.scatter_reduce(0, layer.stripe_out, fs.abs(), "amax")
+            peak = layer.per_filter(fs.abs(), "amax")
             per_stripe = peak[layer.stripe_out]
         else:
             peak = fs.abs().flatten(1).amax(1)

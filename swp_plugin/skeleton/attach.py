@@ -46,8 +46,7 @@ def _stripe_skeleton_shape(layer: StripeConv2d) -> Tuple[int, ...]:
 
 
 def _stripe_filter_alive(layer: StripeConv2d, stripes: torch.Tensor) -> torch.Tensor:
-    counts = torch.zeros(layer.out_channels, device=stripes.device).index_add_(0, layer.stripe_out, stripes.float())
-    return counts > 0
+    return layer.per_filter(stripes, "any")
 
 
 #: layer type -> (FS shape, filter-alive reduction of a stripe mask). Checked with isinstance, in order.
