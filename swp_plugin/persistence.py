@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .layers.stripe_conv import StripeConv2d
+from .utils import swap_module
 
 FORMAT = "swp_plugin/1"
 
@@ -85,12 +86,6 @@ def read(path: Union[str, os.PathLike]) -> dict:
     return checkpoint
 
 
-def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def load(path: Union[str, os.PathLike], model: nn.Module, strict: bool = True) -> nn.Module:
     """Load a file written by :func:`save` into ``model``, a fresh instance of the same architecture, and return
     the loaded model (a new object for a deployed file: use the return value).
@@ -127,9 +122,8 @@ def _apply_structure(model: nn.Module, structure: Dict[str, Dict], shapes: Dict[
         if entry["stripe"] and not isinstance(module, StripeConv2d):
             reference = next(iter(module.parameters()), None)
             kwargs = {k: v for k, v in entry.items() if k not in ("type", "stripe")}
-            module = StripeConv2d(**kwargs, device=getattr(reference, "device", None),
-                                  dtype=getattr(reference, "dtype", None))
-            _set_child(model, name, module)
+            module = swap_module(model, module, StripeConv2d(**kwargs, device=getattr(reference, "device", None),
+                                                             dtype=getattr(reference, "dtype", None)))
         for attr, value in entry.items():
             if attr not in ("type", "stripe", "num_stripes", "bias"):
                 setattr(module, attr, tuple(value) if isinstance(value, list) else value)

@@ -11,16 +11,18 @@ from conftest import calibrate_bn, randomize_skeletons, regularized_step
 
 import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner
+from swp_plugin.layers.config import use_backend
 from swp_plugin.models import create_model
 
 MODELS = ["vgg16_bn", "resnet56", "resnet18", "mobilenetv2_100", "densenet121"]
 
 
 @pytest.fixture(autouse=True)
-def _same_backend_everywhere(monkeypatch):
+def _same_backend_everywhere():
     """The round trips below compare outputs bit for bit: every stripe layer runs the same backend (with
     backend='auto' a saved and a loaded layer could time differently and pick different, equally exact ones)."""
-    monkeypatch.setenv("SWP_STRIPE_BACKEND", "stripe")
+    with use_backend("stripe"):
+        yield
 
 
 def _fresh(name):

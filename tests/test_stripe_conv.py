@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame
 
 from swp_plugin import StripeConv2d
+from swp_plugin.layers.config import set_backend, use_backend
 from swp_plugin.layers.kernels import cpu as cpu_kernel
 from swp_plugin.layers.stripe_conv import BACKENDS
 
@@ -250,7 +255,7 @@ def test_cpp_kernel_only_for_float32_cpu():
     assert layer.active_backend == "stripe"
 
 
-def test_auto_picks_once_per_shape_and_records_the_choice(monkeypatch):
+def test_auto_picks_once_per_shape_and_records_the_choice():
     conv, mask = _masked_conv(CASES[0])
     layer = StripeConv2d.from_dense(conv, mask)
     assert layer.backend == "auto"
@@ -261,13 +266,38 @@ def test_auto_picks_once_per_shape_and_records_the_choice(monkeypatch):
     assert len(layer.choices) == 2
     assert set(layer.choices.values()) <= {"dense", "cpp", "stripe"}
     assert f"backend=auto({layer.active_backend})" in repr(layer)
-    monkeypatch.setenv("SWP_STRIPE_BACKEND", "dense")
-    with torch.no_grad():
+    with use_backend("dense"), torch.no_grad():
         layer(torch.randn(2, 8, 9, 9))
     assert layer.active_backend == "dense" and len(layer.choices) == 2
-    monkeypatch.setenv("SWP_STRIPE_BACKEND", "bogus")
-    with pytest.raises(ValueError, match="SWP_STRIPE_BACKEND"):
-        layer(torch.randn(2, 8, 9, 9))
+    with pytest.raises(ValueError, match="backend"):
+        set_backend(None, "bogus")
+    set_backend(nn.Sequential(layer), "stripe")
+    assert layer.backend == "stripe"
+
+
+def test_backend_environment_variable_is_read_once_at_import():
+    code = ("import os, swp_plugin.layers.config as c; first = c.default_backend(); "
+            "os.environ['SWP_STRIPE_BACKEND'] = 'stripe'; print(first, c.default_backend())")
+    env = {**os.environ, "SWP_STRIPE_BACKEND": "dense"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["dense", "dense"], out.stderr[-2000:]
+    env["SWP_STRIPE_BACKEND"] = "bogus"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "SWP_STRIPE_BACKEND must be one of" in out.stderr
+
+
+def test_stripe_conv_is_a_torch_fx_leaf_for_timm_tracing():
+    """Registered with timm's register_notrace_module: timm's FX feature extraction keeps it as one call."""
+    from timm.layers import create_feature_extractor, get_graph_node_names
+
+    conv, mask = _masked_conv(CASES[0])
+    model = nn.Sequential(StripeConv2d.from_dense(conv, mask), nn.ReLU())
+    _, nodes = get_graph_node_names(model)
+    assert nodes[1:] == ["0", "1"]  # the input, then one node per module
+    extractor = create_feature_extractor(model, return_nodes=["0"])
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["0"], model[0](x))
 
 
 @pytest.mark.parametrize("backend", FORCED)

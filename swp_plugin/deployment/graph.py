@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, get_notrace_functions, is_notrace_module
 
 from ..layers.deployed import DeployedStripeConv2d
+from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
-from ..skeleton.attach import MASK_SAFE_CONVS
 
 _BN = nn.modules.batchnorm._BatchNorm
 LEAVES = (nn.Conv2d, StripeConv2d, DeployedStripeConv2d, _BN)
 #: convs a BatchNorm folds into: their output is ``conv(x, W) + b``, linear in the weight
-FOLDABLE = MASK_SAFE_CONVS + (StripeConv2d,)
+FOLDABLE = PLAIN_CONVS + (StripeConv2d,)
 
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)

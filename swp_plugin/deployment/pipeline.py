@@ -31,7 +31,8 @@ from torch.nn.utils import parametrize
 
 from ..layers.deployed import DeployedStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
-from ..layers.stripe_conv import DYNAMIC_SAME_CONVS, StripeConv2d
+from ..layers.padding import PLAIN_CONVS
+from ..layers.stripe_conv import StripeConv2d
 from ..persistence import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
@@ -101,7 +102,7 @@ def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices
     try:
         deployed = trace(deployed)
         report.traced = True
-    except Exception as err:  # noqa: BLE001 - any tracing failure: deploy the module tree as it is
+    except Exception as err:  # any tracing failure: deploy the module tree as it is
         report.notes.append(f"torch.fx could not trace the model ({type(err).__name__}: {str(err)[:160]}); "
                             "BatchNorms folded through the DependencyGraph, no epilogue fusion")
     if fuse:
@@ -147,7 +148,7 @@ def _fold_without_trace(model: nn.Module, example_inputs) -> List[tuple]:
     """``conv -> BatchNorm`` pairs from torch-pruning's DependencyGraph; each BatchNorm becomes an Identity."""
     try:
         graph = build_graph(model, example_inputs, {}, timeout=120)
-    except Exception:  # noqa: BLE001 - no graph: nothing is folded
+    except Exception:  # no graph: nothing is folded
         return []
     names = {m: n for n, m in model.named_modules()}
     folded = []
@@ -162,7 +163,7 @@ def _fold_without_trace(model: nn.Module, example_inputs) -> List[tuple]:
 def _candidates(model: nn.Module, dense_convs: bool) -> Dict[str, nn.Module]:
     found = {}
     for name, m in model.named_modules():
-        if isinstance(m, StripeConv2d) or (dense_convs and type(m) in (nn.Conv2d, *DYNAMIC_SAME_CONVS)
+        if isinstance(m, StripeConv2d) or (dense_convs and type(m) in PLAIN_CONVS
                                            and m.groups == 1):
             found[name] = m
     return found

@@ -10,9 +10,23 @@ from __future__ import annotations
 
 from typing import Tuple, Union
 
+import torch.nn as nn
+from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from timm.layers.padding import pad_same_arg
 
 PaddingSpec = Union[str, Tuple[int, int]]
+
+#: Conv classes whose padding is TensorFlow-like 'SAME', computed from the input size at each forward.
+DYNAMIC_SAME_CONVS: Tuple[type, ...] = (Conv2dSame, Conv2dSameExport)
+
+#: Conv classes whose forward is a plain convolution of ``weight`` and ``bias`` (only the padding differs): a
+#: weight mask holds, BatchNorm folds, ``StripeConv2d`` reproduces them.
+PLAIN_CONVS: Tuple[type, ...] = (nn.Conv2d,) + DYNAMIC_SAME_CONVS
+
+
+def is_dynamic_same(conv: nn.Module) -> bool:
+    """True for a conv that pads TF-'SAME' from the input size (timm ``Conv2dSame``, ``StdConv2dSame``...)."""
+    return isinstance(conv, DYNAMIC_SAME_CONVS) or bool(getattr(conv, "same_pad", False))
 
 
 def static_padding(

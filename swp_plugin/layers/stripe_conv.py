@@ -20,32 +20,29 @@ Backends (same function, exact up to float rounding; all differentiable):
 * ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
   against the stripe kernel (``'cpp'`` where it applies, else ``'stripe'``) picks the faster one, dense
   unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
-  ``repr``. ``SWP_STRIPE_BACKEND=dense|stripe|cpp`` overrides ``'auto'`` everywhere (deterministic runs).
+  ``repr``. :mod:`.config` forces a backend on ``'auto'`` layers (``SWP_STRIPE_BACKEND``, ``set_backend``,
+  ``use_backend``).
   While tracing, exporting or compiling, ``'auto'`` uses the cached choice if it is ``'dense'``, else
   ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
+from timm.layers import register_notrace_module
+from timm.layers.conv2d_same import Conv2dSame
 from torch.nn.modules.utils import _pair
 
 from ..utils import fastest
+from .config import BACKENDS, default_backend
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import scatter_dense, standard_layout
-from .padding import PaddingSpec, dynamic_same_padding, static_padding
-
-#: Conv classes whose padding is TensorFlow-like 'SAME', computed from the input size at each forward.
-DYNAMIC_SAME_CONVS: Tuple[type, ...] = (Conv2dSame, Conv2dSameExport)
-
-BACKENDS = ("auto", "stripe", "dense", "cpp")
+from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
 
 #: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
 MAX_CHOICES = 16
@@ -61,6 +58,7 @@ def _same_tensor(snapshot: torch.Tensor, tensor: torch.Tensor) -> bool:
             and bool(torch.equal(snapshot, tensor)))
 
 
+@register_notrace_module  # a leaf for torch.fx (its forward has per-call decisions), like timm's Conv2dSame
 class StripeConv2d(nn.Module):
     """2-D convolution over kept stripes (stripe-wise pruned ``nn.Conv2d``, groups == 1).
 
@@ -142,7 +140,7 @@ class StripeConv2d(nn.Module):
             bias=conv.bias is not None,
             padding_mode=conv.padding_mode,
             num_stripes=0,
-            same_dynamic=isinstance(conv, DYNAMIC_SAME_CONVS),
+            same_dynamic=is_dynamic_same(conv),
             backend=backend,
             device=weight.device,
             dtype=weight.dtype,
@@ -314,9 +312,7 @@ class StripeConv2d(nn.Module):
                      or torch.compiler.is_compiling())
         requested = self._backend
         if requested == "auto":
-            requested = os.environ.get("SWP_STRIPE_BACKEND", "auto") or "auto"
-            if requested not in BACKENDS:
-                raise ValueError(f"SWP_STRIPE_BACKEND must be one of {BACKENDS}, got {requested!r}")
+            requested = default_backend()
         if requested == "cpp":
             return "stripe" if exporting or not self._cpp_applies(x) else "cpp"
         if requested != "auto":

@@ -7,8 +7,9 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
-from ..skeleton.attach import MASK_SAFE_CONVS, probe_input
+from ..skeleton.attach import probe_input
 from ..utils import swap_module
 from .notes import KEPT_DENSE, Note
 
@@ -37,7 +38,7 @@ def convert_to_stripes(model: nn.Module, names: Iterable[str], note: Callable[[N
 @torch.no_grad()
 def same_function(conv: nn.Conv2d, stripe: StripeConv2d) -> bool:
     """True for the conv classes known to be plain convolutions, else checked on a probe input."""
-    if type(conv) in MASK_SAFE_CONVS:
+    if type(conv) in PLAIN_CONVS:
         return True
     x = probe_input(conv)
     return torch.allclose(stripe(x), conv(x), rtol=1e-4, atol=1e-5)

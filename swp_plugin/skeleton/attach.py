@@ -19,9 +19,9 @@ from typing import Callable, Dict, Iterable, Tuple
 
 import torch
 import torch.nn as nn
-from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.utils import parametrize
 
+from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
 from .parametrizations import ChannelMask, FilterSkeleton
 from .standardization import WeightStandardization, unfold_standardization
@@ -30,7 +30,7 @@ from .standardization import WeightStandardization, unfold_standardization
 EXCLUDED_CONVS: Dict[type, str] = {}
 
 #: nn.Conv2d subclasses known to use their weight like nn.Conv2d (only the padding differs).
-MASK_SAFE_CONVS: Tuple[type, ...] = (nn.Conv2d, Conv2dSame, Conv2dSameExport)
+MASK_SAFE_CONVS: Tuple[type, ...] = PLAIN_CONVS
 
 
 def _conv_skeleton_shape(conv: nn.Conv2d) -> Tuple[int, ...]:
@@ -104,7 +104,7 @@ def ineligibility_reason(module: nn.Module) -> str | None:
     for cls, reason in EXCLUDED_CONVS.items():
         if isinstance(module, cls):
             return reason
-    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    cls = parametrize.type_before_parametrizations(module)
     if isinstance(module, nn.Conv2d) and cls not in MASK_SAFE_CONVS:
         if cls.forward is not nn.Conv2d.forward and not _output_is_linear_in_weight(module):
             return "its forward is not linear in its weight (the stripe mask would not hold); left dense"

@@ -19,6 +19,7 @@ from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv
 from timm.layers.conv2d_same import Conv2dSame
 from torch.nn.utils import parametrize
 
+from ..layers.padding import is_dynamic_same
 from ..utils import swap_module
 
 
@@ -43,16 +44,11 @@ class WeightStandardization(nn.Module):
         return f"eps={self.eps:g}, scaled={self.gain is not None}"
 
 
-def _dynamic_same(conv: nn.Conv2d) -> bool:
-    """TF 'SAME' padding computed at each forward (the ``*Same`` classes when stride/dilation make it dynamic)."""
-    return bool(getattr(conv, "same_pad", False))
-
-
 def _plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A plain conv (same geometry, sharing ``weight`` and ``bias``) that pads like ``conv``."""
     geometry = dict(stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
     with torch.device("meta"):
-        if _dynamic_same(conv):
+        if is_dynamic_same(conv):
             plain = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, **geometry)
         else:
             plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,

@@ -10,6 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers.stripe_conv import StripeConv2d
+from ..utils import swap_module
+
 
 def calibrate_bn(model: nn.Module, x: torch.Tensor, passes: int = 3) -> None:
     """Set BatchNorm running stats to the statistics of ``model`` on ``x`` (noisy copies), then eval().
@@ -81,17 +84,15 @@ def random_stripe_model(model: nn.Module, keep: float, seed: int = 0) -> nn.Modu
 
     The latency benchmark's stand-in for a trained skeleton; same weights as the dense model, masked.
     """
-    from ..layers.stripe_conv import StripeConv2d
-
     gen = torch.Generator().manual_seed(seed)
-    for parent in list(model.modules()):
-        for name, conv in list(parent.named_children()):
-            if isinstance(conv, nn.Conv2d) and conv.groups == 1 and type(conv).forward is nn.Conv2d.forward:
-                out, _, kh, kw = conv.weight.shape
-                mask = torch.rand(out, kh, kw, generator=gen) < keep
-                empty = ~mask.view(out, -1).any(1)
-                mask.view(out, -1)[empty, torch.randint(kh * kw, (int(empty.sum()),), generator=gen)] = True
-                with torch.no_grad():
-                    conv.weight.mul_(mask[:, None].to(conv.weight))
-                setattr(parent, name, StripeConv2d.from_dense(conv, mask))
+    convs = [m for m in model.modules()
+             if isinstance(m, nn.Conv2d) and m.groups == 1 and type(m).forward is nn.Conv2d.forward]
+    for conv in convs:
+        out, _, kh, kw = conv.weight.shape
+        mask = torch.rand(out, kh, kw, generator=gen) < keep
+        empty = ~mask.view(out, -1).any(1)
+        mask.view(out, -1)[empty, torch.randint(kh * kw, (int(empty.sum()),), generator=gen)] = True
+        with torch.no_grad():
+            conv.weight.mul_(mask[:, None].to(conv.weight))
+        swap_module(model, conv, StripeConv2d.from_dense(conv, mask))
     return model

@@ -160,7 +160,7 @@ def run_case(case: Case, backends: List[str]) -> List[str]:
                 err = _err(got, want) if got is not None else float("inf")
                 if not err <= TOLERANCE:
                     failures.append(f"{backend}: {what} err {err:.3g}")
-        except Exception as error:  # noqa: BLE001 - reported with the case
+        except Exception as error:  # reported with the case
             failures.append(f"{backend}: {type(error).__name__}: {str(error)[:300]}\n{traceback.format_exc()[-800:]}")
     return failures
 

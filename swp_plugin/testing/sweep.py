@@ -240,7 +240,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
         _finetune_step(rec, model, x)
         stage(None)
         rec["status"] = "exact" if rec["rel_err"] <= TOLERANCE else "inexact"
-    except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
+    except Exception as err:  # recorded, the sweep goes on
         rec["status"] = "error"
         rec.update(error_info(err))
     return stage.close()
@@ -252,7 +252,7 @@ def _measure_after(rec: dict, model: nn.Module, x: torch.Tensor, y0: torch.Tenso
         model.eval()
         with torch.no_grad():
             rec["rel_err"] = rel_err(y0, model(x))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         rec["after_forward_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
     counts = channel_counts(model)
     rec.update({k + "_after": v for k, v in counts.items()})
@@ -307,7 +307,7 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
         rec.update(macs_after=float(macs), params_after=int(params))
         stage(None)
         rec["status"] = "ok"
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         rec["status"] = "error"
         rec.update(error_info(err))
     return stage.close()

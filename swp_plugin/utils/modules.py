@@ -34,7 +34,8 @@ def run_with_hooks(model: nn.Module, modules: Iterable[nn.Module], hook: Callabl
 
 
 def flat_outputs(output) -> List[torch.Tensor]:
-    """The tensors of a model output (tensor, tuple/list or dict, nested)."""
+    """The tensors of a model output (tensor, tuple/list or dict, nested; other leaves such as ``None`` or ints
+    are skipped: torch-pruning's ``flatten_as_list`` raises on them)."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, dict):
