@@ -48,6 +48,9 @@ from swp_plugin.testing import calibrate_bn, random_stripe_model
 
 ROOT = Path(__file__).resolve().parent.parent
 NETS = ("vgg16", "resnet56", "resnet18", "resnet50")
+#: consecutive calls per model and round: PyTorch's and onnxruntime's thread pools spin after a call and slow the
+#: other's next calls; the median of a block is past that (swp_plugin.utils.timing.side_by_side)
+BLOCK = 10
 
 
 def build(name: str) -> tuple[nn.Module, int]:
@@ -113,8 +116,9 @@ def configuration(dense: nn.Module, stripe: nn.Module, x: torch.Tensor, threads:
                                  rounds=max(5, repeats // 2))
             models["ort_stripe"] = _callable(ort_runner(ort_session(Path(tmp) / "stripe.onnx", threads), [x]))
             row["ort_export"] = {k: v for k, v in report.items() if k != "layers"}
-        times = measure_latency(models, x, repeats=repeats_for(dense, x, repeats), warmup=2, threads=threads,
-                                progress=False)
+        rounds = repeats_for(dense, x, repeats)
+        times = measure_latency(models, x, repeats=max(3, rounds // BLOCK), warmup=2, threads=threads,
+                                progress=False, block=BLOCK)
     row.update({f"{k}_ms": round(v, 4) for k, v in times.items()})
     row["best_deployed_ms"] = min(row["deployed_ms"], row["scripted_ms"])
     row["deploy"] = deployed.deploy_report.summary()

@@ -157,5 +157,5 @@ def test_deployed_layer_falls_back_to_pytorch_where_the_kernel_cannot_run(monkey
             got = layer(x, res)
         assert rel_err(want, got) < 1e-5
         for form in ("dense", "stripe"):
-            layer.onnx_form = form
+            layer.prepare_export(form)
             assert rel_err(want, layer._pytorch_forward(x, res)) < 1e-5

@@ -82,11 +82,11 @@ def _layer_inputs(model: nn.Module, layers: Dict[str, DeployedStripeConv2d], exa
 def _time_forms(layer: DeployedStripeConv2d, inputs: tuple, threads: int, folder: Path, rounds: int) -> Dict:
     runs = {}
     for form in ("dense", "stripe"):
-        layer.onnx_form = form
+        layer.prepare_export(form)
         path = folder / f"layer_{form}.onnx"
         _export(_Call(layer), inputs, path)
         runs[form] = ort_runner(ort_session(path, threads), list(inputs))
-    times = side_by_side(runs, rounds, warmup=2)
+    times = side_by_side(runs, rounds, warmup=2, block=5)
     return {f"{form}_ms": round(1e3 * t, 4) for form, t in times.items()}
 
 
@@ -105,24 +105,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, threa
         for name, layer in layers.items():
             inputs = captured.get(name)
             if inputs is None:
-                layer.onnx_form = "dense"
+                layer.prepare_export("dense")
                 continue
             times = _time_forms(layer, inputs, threads, folder, rounds)
-            layer.onnx_form = "stripe" if times["stripe_ms"] < MARGIN * times["dense_ms"] else "dense"
+            layer.prepare_export("stripe" if times["stripe_ms"] < MARGIN * times["dense_ms"] else "dense")
             report["layers"].append({"layer": name, "form": layer.onnx_form, **times})
         chosen = {n: m.onnx_form for n, m in layers.items()}
         runs = {}
         variants = ("chosen", "dense") if "stripe" in chosen.values() else ("dense",)
         for variant in variants:
             for name, layer in layers.items():
-                layer.onnx_form = chosen[name] if variant == "chosen" else "dense"
+                layer.prepare_export(chosen[name] if variant == "chosen" else "dense")
             _export(model, (example,), folder / f"{variant}.onnx")
             runs[variant] = ort_runner(ort_session(folder / f"{variant}.onnx", threads), [example])
-        times = side_by_side(runs, rounds, warmup=2)
+        times = side_by_side(runs, rounds, warmup=2, block=5)
         times.setdefault("chosen", times["dense"])  # every layer dense: the same export
         best = "chosen" if times["chosen"] < times["dense"] else "dense"
         for name, layer in layers.items():
-            layer.onnx_form = chosen[name] if best == "chosen" else "dense"
+            layer.prepare_export(chosen[name] if best == "chosen" else "dense")
         Path(path).write_bytes((folder / f"{best}.onnx").read_bytes())
         with torch.no_grad():
             reference = model(example).numpy()

@@ -77,6 +77,7 @@ class DeployedStripeConv2d(nn.Module):
         self.tile = cpu_kernel.tile_pixels(weight.shape[0], weight.shape[1])
         self.counts = position_counts(layer.stripe_pos, layer.kernel_size)
         self.onnx_form = "dense"
+        self._export_constant: torch.Tensor | None = None
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:
@@ -124,20 +125,41 @@ class DeployedStripeConv2d(nn.Module):
         return True
 
     @torch.jit.unused
+    def prepare_export(self, form: str) -> None:
+        """Choose the ONNX form (``'dense'`` or ``'stripe'``) and build its constant (the dense kernel, or the
+        stripe-to-channel selection) now, outside the trace, so that the exported graph holds it as an initializer
+        instead of the scatter that builds it."""
+        if form not in ("dense", "stripe"):
+            raise ValueError(f"onnx form must be 'dense' or 'stripe', got {form!r}")
+        self.onnx_form = form
+        with torch.no_grad():
+            self._export_constant = self._constant(self.weight.dtype)
+
+    @torch.jit.unused
+    def _constant(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.onnx_form == "stripe" and self.weight.shape[0] > 0:
+            return selection_matrix(self.stripe_out, self.out_channels, dtype)
+        kh, kw = self.kernel_size
+        return scatter_dense(self.weight.to(dtype), self.stripe_out * kh * kw + self.stripe_pos, self.out_channels,
+                             kh, kw)
+
+    @torch.jit.unused
     def _pytorch_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         """The same function in PyTorch ops: ``onnx_form`` ``'dense'`` (one conv with the pruned stripes as zeros)
         or ``'stripe'`` (:func:`~swp_plugin.layers.functional.stripe_conv_pytorch`)."""
         x, left, right, top, bottom = self._padded(x)
-        if left + right + top + bottom > 0:
-            x = F.pad(x, [left, right, top, bottom])
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        symmetric = left == right and top == bottom  # then the conv pads (one ONNX Conv, no Pad op)
+        if left + right + top + bottom > 0 and not (symmetric and self.onnx_form == "dense"):
+            x, left, top = F.pad(x, [left, right, top, bottom]), 0, 0
+        constant = self._export_constant if torch.onnx.is_in_onnx_export() else None
+        if constant is None or constant.dtype != x.dtype:
+            constant = self._constant(x.dtype)
+        bias = self.bias.to(x.dtype)
         if self.onnx_form == "stripe" and self.weight.shape[0] > 0:
-            y = stripe_conv_pytorch(x, weight, selection_matrix(self.stripe_out, self.out_channels, x.dtype), bias,
-                                    self.counts, self.kernel_size, self.stride, self.dilation)
+            y = stripe_conv_pytorch(x, self.weight.to(x.dtype), constant, bias, self.counts, self.kernel_size,
+                                    self.stride, self.dilation)
         else:
-            kh, kw = self.kernel_size
-            dense = scatter_dense(weight, self.stripe_out * kh * kw + self.stripe_pos, self.out_channels, kh, kw)
-            y = F.conv2d(x, dense, bias, self.stride, 0, self.dilation)
+            y = F.conv2d(x, constant, bias, self.stride, (top, left), self.dilation)
         if residual is not None:
             y = y + residual
         return torch.relu(y) if self.act == "relu" else y

@@ -19,12 +19,14 @@ def measure_latency(
     warmup: int = 5,
     threads: int | None = None,
     progress: bool = True,
+    block: int = 1,
 ) -> Dict[str, float]:
     """Median forward time in milliseconds of each model (eval mode) or callable on ``example``.
 
     The models are timed side by side (:func:`swp_plugin.utils.timing.side_by_side`): each round runs every model
     once, in an order rotated from round to round, so that load from other processes and frequency changes hit
-    all of them alike. A callable (e.g. an onnxruntime session wrapped in a function) is called as it is.
+    all of them alike. A callable (e.g. an onnxruntime session wrapped in a function) is called as it is; mixing
+    runtimes, give ``block`` (consecutive calls per model and round, see ``side_by_side``).
     """
     previous = torch.get_num_threads()
     if threads:
@@ -34,7 +36,7 @@ def measure_latency(
             if isinstance(model, nn.Module):
                 model.eval()
         runs = {name: partial(model, example) for name, model in models.items()}
-        times = side_by_side(runs, repeats, warmup=warmup, progress=progress)
+        times = side_by_side(runs, repeats, warmup=warmup, progress=progress, block=block)
         return {name: 1000 * t for name, t in times.items()}
     finally:
         torch.set_num_threads(previous)

@@ -9,11 +9,15 @@ from typing import Callable, Dict, List
 
 
 def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1, stat: str = "median",
-                 budget_s: float | None = None, progress: bool = False) -> Dict[str, float]:
+                 budget_s: float | None = None, progress: bool = False, block: int = 1) -> Dict[str, float]:
     """Wall time (seconds) of each zero-argument callable: ``warmup`` untimed calls each (caches, plans, lazy
-    builds), then ``rounds`` rounds in which every callable runs once, in an order rotated from round to round
-    so that load from elsewhere and frequency changes hit all alike. ``stat``: ``'median'`` or ``'min'`` of the
-    rounds. With ``budget_s``, stops after that many seconds of timed rounds (at least two rounds)."""
+    builds), then ``rounds`` rounds in which every callable runs ``block`` times in a row, in an order rotated
+    from round to round so that load from elsewhere and frequency changes hit all alike. ``stat``: ``'median'``
+    or ``'min'`` of the calls. With ``budget_s``, stops after that many seconds of timed rounds (at least two).
+
+    Use ``block > 1`` for callables that run on different thread pools (PyTorch's OpenMP threads, onnxruntime's
+    pool): a pool's threads spin for a while after a call and slow the other pool's next calls; in a block, the
+    median is taken past that."""
     names = list(runs)
     for name in names:
         for _ in range(warmup):
@@ -28,9 +32,10 @@ def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int
     for r in iterator:
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
-            t0 = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                runs[name]()
+                times[name].append(time.perf_counter() - t0)
         if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
             break
     reduce = min if stat == "min" else statistics.median
