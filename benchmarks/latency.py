@@ -118,7 +118,7 @@ def configuration(dense: nn.Module, stripe: nn.Module, x: torch.Tensor, threads:
             row["ort_export"] = {k: v for k, v in report.items() if k != "layers"}
         rounds = repeats_for(dense, x, repeats)
         times = measure_latency(models, x, repeats=max(3, rounds // BLOCK), warmup=2, threads=threads,
-                                progress=False, block=BLOCK)
+                                progress=False, block=BLOCK, settle_s=0.05)
     row.update({f"{k}_ms": round(v, 4) for k, v in times.items()})
     row["best_deployed_ms"] = min(row["deployed_ms"], row["scripted_ms"])
     row["deploy"] = deployed.deploy_report.summary()

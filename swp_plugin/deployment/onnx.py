@@ -86,7 +86,7 @@ def _time_forms(layer: DeployedStripeConv2d, inputs: tuple, threads: int, folder
         path = folder / f"layer_{form}.onnx"
         _export(_Call(layer), inputs, path)
         runs[form] = ort_runner(ort_session(path, threads), list(inputs))
-    times = side_by_side(runs, rounds, warmup=2, block=5)
+    times = side_by_side(runs, rounds, warmup=2, block=5, settle_s=0.02)
     return {f"{form}_ms": round(1e3 * t, 4) for form, t in times.items()}
 
 
@@ -118,7 +118,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, threa
                 layer.prepare_export(chosen[name] if variant == "chosen" else "dense")
             _export(model, (example,), folder / f"{variant}.onnx")
             runs[variant] = ort_runner(ort_session(folder / f"{variant}.onnx", threads), [example])
-        times = side_by_side(runs, rounds, warmup=2, block=5)
+        times = side_by_side(runs, rounds, warmup=2, block=5, settle_s=0.02)
         times.setdefault("chosen", times["dense"])  # every layer dense: the same export
         best = "chosen" if times["chosen"] < times["dense"] else "dense"
         for name, layer in layers.items():

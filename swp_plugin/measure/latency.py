@@ -20,13 +20,14 @@ def measure_latency(
     threads: int | None = None,
     progress: bool = True,
     block: int = 1,
+    settle_s: float = 0.0,
 ) -> Dict[str, float]:
     """Median forward time in milliseconds of each model (eval mode) or callable on ``example``.
 
     The models are timed side by side (:func:`swp_plugin.utils.timing.side_by_side`): each round runs every model
     once, in an order rotated from round to round, so that load from other processes and frequency changes hit
     all of them alike. A callable (e.g. an onnxruntime session wrapped in a function) is called as it is; mixing
-    runtimes, give ``block`` (consecutive calls per model and round, see ``side_by_side``).
+    runtimes, give ``block`` (consecutive calls per model and round) and ``settle_s`` (see ``side_by_side``).
     """
     previous = torch.get_num_threads()
     if threads:
@@ -36,7 +37,8 @@ def measure_latency(
             if isinstance(model, nn.Module):
                 model.eval()
         runs = {name: partial(model, example) for name, model in models.items()}
-        times = side_by_side(runs, repeats, warmup=warmup, progress=progress, block=block)
+        times = side_by_side(runs, repeats, warmup=warmup, progress=progress, block=block,
+                             settle_s=settle_s)
         return {name: 1000 * t for name, t in times.items()}
     finally:
         torch.set_num_threads(previous)

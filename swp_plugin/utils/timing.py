@@ -9,7 +9,8 @@ from typing import Callable, Dict, List
 
 
 def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1, stat: str = "median",
-                 budget_s: float | None = None, progress: bool = False, block: int = 1) -> Dict[str, float]:
+                 budget_s: float | None = None, progress: bool = False, block: int = 1,
+                 settle_s: float = 0.0) -> Dict[str, float]:
     """Wall time (seconds) of each zero-argument callable: ``warmup`` untimed calls each (caches, plans, lazy
     builds), then ``rounds`` rounds in which every callable runs ``block`` times in a row, in an order rotated
     from round to round so that load from elsewhere and frequency changes hit all alike. ``stat``: ``'median'``
@@ -17,7 +18,7 @@ def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int
 
     Use ``block > 1`` for callables that run on different thread pools (PyTorch's OpenMP threads, onnxruntime's
     pool): a pool's threads spin for a while after a call and slow the other pool's next calls; in a block, the
-    median is taken past that."""
+    median is taken past that, and ``settle_s`` seconds of sleep before each block let the spinning end."""
     names = list(runs)
     for name in names:
         for _ in range(warmup):
@@ -32,6 +33,8 @@ def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int
     for r in iterator:
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
+            if settle_s:
+                time.sleep(settle_s)
             for _ in range(block):
                 t0 = time.perf_counter()
                 runs[name]()
