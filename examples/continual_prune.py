@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--latency-batches", default="1,64", help="batch sizes of the deployed latency (%(default)s)")
-    r.add_argument("--latency-repeats", type=int, default=50, help="rounds per batch size (fewer for slow ones)")
+    r.add_argument("--latency-repeats", type=int, default=50, help="rounds per batch size")
     r.add_argument("--out", default="runs/continual_prune", help="folder for the models and the picture")
     r.add_argument("--json", default=None, metavar="PATH", help="write the stages as JSON")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -371,9 +371,10 @@ def deployed_latency(run: Run) -> None:
         x = run.latency_input[:batch]
         deployed = {name: swp_plugin.deploy(model, x) for name, model in run.models.items()}
         timed = {**deployed, "swp (eager)": run.models["swp"]}
-        repeats = max(5, args.latency_repeats // (1 + batch // 16))
-        print(f"latency: batch {batch}, {repeats} rounds, {torch.get_num_threads()} threads, deployed models")
-        latency = measure_latency(timed, x, repeats=repeats, threads=args.threads or None, progress=run.progress)
+        print(f"latency: batch {batch}, {args.latency_repeats} rounds, {torch.get_num_threads()} threads, "
+              "deployed models")
+        latency = measure_latency(timed, x, repeats=args.latency_repeats, threads=args.threads or None,
+                                  progress=run.progress)
         for stage in run.stages:
             stage[f"latency_ms_batch{batch}"] = round(latency[stage["name"]], 4)
         run.stages[-1][f"latency_ms_batch{batch}_eager"] = round(latency["swp (eager)"], 4)
