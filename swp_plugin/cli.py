@@ -17,12 +17,11 @@ from typing import List
 
 import torch
 
-from . import load, save
 from .measure.counting import count_ops_and_params
 from .measure.plots import plot_filter_shapes, plot_stripe_ratios
 from .measure.report import report
 from .models import create_model
-from .persistence import read
+from .persistence import load, read, save
 from .pruning.pruner import StripePruner
 
 

@@ -38,3 +38,9 @@ def scatter_dense(weight: torch.Tensor, dense_index: torch.Tensor, out_channels:
     ``dense_index = stripe_out * kh * kw + stripe_pos``; pruned stripes are zeros. Differentiable."""
     flat = weight.new_zeros(out_channels * kh * kw, weight.shape[1]).index_copy(0, dense_index, weight)
     return standard_layout(flat.view(out_channels, kh, kw, -1).permute(0, 3, 1, 2))
+
+
+def same_tensor(snapshot: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Same dtype, device, shape and values (the check behind every cache of something derived from weights)."""
+    return (snapshot.dtype == tensor.dtype and snapshot.device == tensor.device and snapshot.shape == tensor.shape
+            and bool(torch.equal(snapshot, tensor)))

@@ -10,12 +10,9 @@ keeps ``S`` of the ``out * kh * kw`` stripes of a dense ``nn.Conv2d``:
 
 Backends (same function, exact up to float rounding; all differentiable):
 
-* ``'cpp'``: the compiled CPU kernel (:mod:`swp_plugin.layers.kernels.cpu`, float32): per cache-sized tile,
-  one GEMM of all stripes with the unshifted input, then each output channel sums its stripes' rows shifted
-  by their kernel offsets. MACs ``S * C_in * H_out * W_out`` (strided convs via a polyphase split).
-* ``'stripe'``: pure PyTorch, exportable (ONNX, TorchScript, ``torch.compile``): for each kernel position a
-  1x1 convolution of the strided, shifted input window with that position's stripes, the partial sums
-  routed to their output channels by a 1x1 convolution with a 0/1 selection matrix (no scatter).
+* ``'cpp'``: the compiled CPU kernel (:mod:`swp_plugin.layers.kernels.cpu`, float32), MACs
+  ``S * C_in * H_out * W_out``.
+* ``'stripe'``: pure PyTorch, exportable (:func:`.functional.stripe_conv_pytorch`).
 * ``'dense'``: the stripes scattered into a dense kernel (cached in inference) and ``F.conv2d``.
 * ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
   against the stripe kernel (``'cpp'`` where it applies, else ``'stripe'``) picks the faster one, dense
@@ -41,7 +38,7 @@ from ..utils import fastest
 from .config import BACKENDS, default_backend
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
-from .layout import scatter_dense, standard_layout
+from .layout import same_tensor, scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
 
 #: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
@@ -50,12 +47,6 @@ MAX_CHOICES = 16
 
 def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
     module._refresh()
-
-
-def _same_tensor(snapshot: torch.Tensor, tensor: torch.Tensor) -> bool:
-    """Same dtype, device, shape and values."""
-    return (snapshot.dtype == tensor.dtype and snapshot.device == tensor.device and snapshot.shape == tensor.shape
-            and bool(torch.equal(snapshot, tensor)))
 
 
 @register_notrace_module  # a leaf for torch.fx (its forward has per-call decisions), like timm's Conv2dSame
@@ -344,7 +335,7 @@ class StripeConv2d(nn.Module):
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
             return self.dense_weight()
         cache = self._dense_cache
-        if cache is None or not _same_tensor(cache[0], weight):
+        if cache is None or not same_tensor(cache[0], weight):
             with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode
                 cache = self._dense_cache = (weight.detach().clone(), self.dense_weight())
         return cache[1]
