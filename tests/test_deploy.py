@@ -159,3 +159,21 @@ def test_deployed_layer_falls_back_to_pytorch_where_the_kernel_cannot_run(monkey
         for form in ("dense", "stripe"):
             layer.prepare_export(form)
             assert rel_err(want, layer._pytorch_forward(x, res)) < 1e-5
+
+
+@needs_cpp
+@pytest.mark.parametrize("size, batch", [((3, 3), 16), ((4, 5), 9), ((8, 8), 64), ((1, 1), 8), ((7, 9), 12)])
+def test_kernel_small_image_batch_path_with_epilogue(size, batch):
+    """Small images in batches of 8 or more run batch-minor in the kernel; bias, residual and ReLU there too."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 20, 3, padding=1)
+    mask = torch.rand(20, 3, 3) < 0.5
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    x, res = torch.randn(batch, 24, *size), torch.randn(batch, 20, *size)
+    for act, residual in (("none", False), ("relu", True)):
+        layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act=act, residual=residual)
+        with torch.no_grad():
+            want = conv(x) + (res if residual else 0)
+            want = torch.relu(want) if act == "relu" else want
+            assert rel_err(want, layer(x, res if residual else None)) < 1e-5

@@ -54,8 +54,12 @@ struct Tile {
 };
 
 struct Buffers {  // per thread
-  std::vector<float> x, y, a;
+  std::vector<float> x, y, a, t;
 };
+
+// Small images (stride 1, at most kSmallPixels input pixels) in batches of at least kSmallBatch: the batch is
+// the vector dimension (a per-image shift-add would be all loop overhead there).
+constexpr int64_t kSmallPixels = 64, kSmallBatch = 8;
 
 // Row-major C(m x n) = A(m x k) @ B(k x n), leading dims lda, ldb, ldc.
 #if defined(__AVX512F__)
@@ -271,6 +275,54 @@ void run_tile(const Tile& t, const Layer& L, Buffers& buf) {
   }
 }
 
+// The small-image path on images n0 .. n0 + nb: Xt (C x P x nb) = the input batch-minor; Y = W (S x C) @ Xt;
+// T (O x Q x nb) = bias + the shifted rows of each channel's stripes; out = act(T transposed + residual).
+void run_small(int64_t n0, int64_t nb, const Layer& L, Buffers& buf) {
+  const int64_t C = L.C, H = L.H, W = L.W, P = H * W, Q = L.out_h * L.out_w, O = L.O, S = L.S;
+  buf.x.resize(C * P * nb);
+  float* xt = buf.x.data();
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t c = 0; c < C; ++c) {
+      const float* src = L.x + ((n0 + j) * C + c) * P;
+      for (int64_t p = 0; p < P; ++p) xt[(c * P + p) * nb + j] = src[p];
+    }
+  buf.y.resize(std::max<int64_t>(1, S * P * nb));
+  float* Y = buf.y.data();
+  if (S > 0) gemm(S, P * nb, C, L.w, C, L.rows, xt, P * nb, Y, P * nb, buf.a);
+  buf.t.resize(O * Q * nb);
+  for (int64_t o = 0; o < O; ++o) {
+    float* T = buf.t.data() + o * Q * nb;
+    const float b0 = L.bias ? L.bias[o] : 0.f;
+    for (int64_t i = 0; i < Q * nb; ++i) T[i] = b0;
+    for (int64_t e = L.ptr[o]; e < L.ptr[o + 1]; ++e) {
+      const int64_t* en = L.ent + 4 * e;  // local row (= row: one phase), qy, qx
+      const float* Ys = Y + en[0] * P * nb;
+      for (int64_t h = 0; h < L.out_h; ++h) {
+        const int64_t ih = h + en[1];
+        if (ih < 0 || ih >= H) continue;
+        for (int64_t w = 0; w < L.out_w; ++w) {
+          const int64_t iw = w + en[2];
+          if (iw < 0 || iw >= W) continue;
+          SWP_RANGE(Ys + (ih * W + iw) * nb, nb, buf.y.data(), S * P * nb);
+          SWP_RANGE(T + (h * L.out_w + w) * nb, nb, buf.t.data(), O * Q * nb);
+          add_row(T + (h * L.out_w + w) * nb, Ys + (ih * W + iw) * nb, nb);
+        }
+      }
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j)
+    for (int64_t o = 0; o < O; ++o) {
+      const int64_t offset = ((n0 + j) * O + o) * Q;
+      const float* T = buf.t.data() + o * Q * nb + j;
+      float* dst = L.out + offset;
+      const float* res = L.residual ? L.residual + offset : nullptr;
+      for (int64_t q = 0; q < Q; ++q) {
+        float v = T[q * nb] + (res ? res[q] : 0.f);
+        dst[q] = L.act == kRelu && v < 0.f ? 0.f : v;
+      }
+    }
+}
+
 // weight_: (S, C) float32, rows in phase order; C = x.size(1)
 at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& rows_,
                                const at::Tensor& phase_info_, const at::Tensor& ptr_, const at::Tensor& entries_,
@@ -323,8 +375,23 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
     const int64_t p = ep[4 * e + 3], local = ep[4 * e];
     TORCH_CHECK(p >= 0 && p < pinfo.size(0) && local >= 0 && local < phases[p].count, "plan: bad stripe entry");
   }
-  // tiles: whole images (several when they are small) or row blocks of one image, at least one per thread
+  const Layer L{x.data_ptr<float>(), w.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
+                residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), &phases, pp, ep,
+                order.defined() ? order.data_ptr<int64_t>() : nullptr,
+                N, C, H, W, O, w.size(0), out_h, out_w, sh, sw, act};
   const int64_t threads = at::get_num_threads();
+  if (sh == 1 && sw == 1 && H * W <= kSmallPixels && N >= kSmallBatch) {
+    // batch blocks: at least kSmallBatch images, Y within ~1 MB, one block per thread where the batch allows
+    const int64_t per_cache = std::max<int64_t>(kSmallBatch, (1 << 18) / std::max<int64_t>(1, w.size(0) * H * W));
+    const int64_t nb = std::min<int64_t>(per_cache, std::max<int64_t>(kSmallBatch, (N + threads - 1) / threads));
+    const int64_t blocks = (N + nb - 1) / nb;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      Buffers buf;
+      for (int64_t i = begin; i < end; ++i) run_small(i * nb, std::min(nb, N - i * nb), L, buf);
+    });
+    return out;
+  }
+  // tiles: whole images (several when they are small) or row blocks of one image, at least one per thread
   const int64_t img = out_h * out_w;
   int64_t nb = 1, rows = out_h;
   if (img >= tile_pixels) {
@@ -343,10 +410,6 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
     for (int64_t r0 = 0; r0 < out_h; r0 += rows)
       tiles.push_back({n0, std::min(nb, N - n0), r0, std::min(out_h, r0 + rows)});
 
-  const Layer L{x.data_ptr<float>(), w.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
-                residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), &phases, pp, ep,
-                order.defined() ? order.data_ptr<int64_t>() : nullptr,
-                N, C, H, W, O, w.size(0), out_h, out_w, sh, sw, act};
   const int64_t ntiles = static_cast<int64_t>(tiles.size());
   if (ntiles == 1) {
     Buffers buf;
