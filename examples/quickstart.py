@@ -15,6 +15,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
+import swp_plugin
 from swp_plugin import StripePruner, count_ops_and_params
 from swp_plugin.models import create_model
 from swp_plugin.recipes.data import dataset_info, load_dataset
@@ -68,12 +69,17 @@ def main(argv=None) -> None:
     acc_after = evaluate(model, test_loader)
     macs_after, params_after = count_ops_and_params(model, example)
     err = float((y_before - y_after).abs().max() / y_before.abs().max())
+    deployed = swp_plugin.deploy(model, example)  # BN folded, per layer the faster of the stripe kernel and dense
+    with torch.no_grad():
+        err_deployed = float((y_before - deployed(probe)).abs().max() / y_before.abs().max())
 
     print(f"\ntrained {args.epochs} epochs in {time.time() - start:.0f}s")
     print(f"{'':14}{'accuracy':>10}{'MACs (M)':>12}{'params (M)':>12}")
     print(f"{'before step()':14}{acc_before:>10.2f}{macs_before / 1e6:>12.2f}{params_before / 1e6:>12.3f}")
     print(f"{'after step()':14}{acc_after:>10.2f}{macs_after / 1e6:>12.2f}{params_after / 1e6:>12.3f}")
     print(f"max|y_pruned - y_dense| / max|y_dense| = {err:.2e}  (exactness)")
+    print(f"deployed: {deployed.deploy_report.summary()}; max|y_deployed - y_dense| / max|y_dense| = "
+          f"{err_deployed:.2e}")
 
 
 if __name__ == "__main__":
