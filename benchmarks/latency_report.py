@@ -59,6 +59,22 @@ def choice_lines(rows: List[dict]) -> List[str]:
     return lines
 
 
+def missed_lines(rows: List[dict]) -> List[str]:
+    """Per layer, for each configuration slower than ONNX Runtime's dense model: deploy's own timings."""
+    lines = []
+    for r in rows:
+        if "ort_dense_ms" not in r or r["ort_dense_ms"] >= r["best_deployed_ms"]:
+            continue
+        lines += [f"### {r['net']}, {r['keep']:.0%} kept, batch {r['batch']}, {r['threads']} threads: x"
+                  f"{r['ort_dense_ms'] / r['best_deployed_ms']:.2f} vs ORT dense", "",
+                  "| layer | kept stripes | kernel (ms) | PyTorch dense (ms) | chosen |", "| --- " * 5 + "|"]
+        for c in sorted(r["choices"], key=lambda c: -c.get("kernel_ms", 0)):
+            lines.append(f"| {c['layer']} | {c['stripes']}/{c['dense_stripes']} | {c.get('kernel_ms', '-')} | "
+                         f"{c.get('dense_ms', '-')} | {c['impl']} |")
+        lines.append("")
+    return lines
+
+
 def markdown(results: Dict) -> str:
     m, rows = results["machine"], results["rows"]
     kernel = "yes" if m["cpp_kernel"] else f"no ({m['cpp_error']})"
@@ -81,6 +97,11 @@ def markdown(results: Dict) -> str:
              "## What deploy chose per layer", "",
              "Each layer measured once on its input at deploy time (the kernel must be 3% faster than PyTorch's "
              "dense conv to be chosen).", ""] + choice_lines(rows)
+    missed = missed_lines(rows)
+    if missed:
+        lines += ["", "## Per layer, where the deployed model is slower than ONNX Runtime's dense model", "",
+                  "Deploy's own one-time timings of each layer on its input (kernel against PyTorch's dense conv, "
+                  "which on this CPU is itself slower than ONNX Runtime's), slowest first.", ""] + missed
     limits = Path(__file__).with_name("latency_limits.md")
     if limits.exists():
         lines += ["", "## What limits it", "", limits.read_text().strip()]
