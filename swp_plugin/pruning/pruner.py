@@ -131,6 +131,12 @@ class StripePruner(tp.pruner.BasePruner):
         graph_timeout: float | None = 120.0,
         **kwargs,
     ) -> None:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                "StripePruner got a DistributedDataParallel wrapper: build the pruner on the bare model, then wrap "
+                "it (DDP registers the parameters it all-reduces when it is built, and the Filter Skeletons are new "
+                "parameters): pruner = StripePruner(model, ...); ddp_model = DistributedDataParallel(model)"
+            )
         self.sr = _check_number("sr", sr)
         given = (("macs", macs_reduction), ("params", params_reduction))
         targets = [(m, _check_fraction(f"{m}_reduction", r)) for m, r in given if r is not None]
