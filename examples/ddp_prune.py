@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import swp_plugin
 from swp_plugin import StripePruner, count_ops_and_params
-from swp_plugin.models import create_model
+from swp_plugin.models import MODELS, create_model
 from swp_plugin.recipes.continual import filter_norm_rms, restore_filter_norms
 from swp_plugin.recipes.data import dataset_info, load_dataset
 from swp_plugin.recipes.training import train_epoch
@@ -79,9 +79,11 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet20", help="vgg16_bn, resnet56, resnet20 or a timm model name")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (paper nets only)")
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--data-path", default=None)
     p.add_argument("--subset", type=int, default=12000, help="training images (all ranks together)")
+    p.add_argument("--test-subset", type=int, default=5000, help="test images")
     p.add_argument("--epochs", type=int, default=3, help="epochs with the Filter Skeleton")
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64, help="global batch, split over the ranks")
@@ -110,13 +112,14 @@ def main(argv=None) -> None:
 
     in_chans, num_classes = dataset_info(args.dataset)
     train = load_dataset(args.dataset, True, args.data_path, subset=args.subset, seed=args.seed)
-    test = load_dataset(args.dataset, False, args.data_path, subset=5000, seed=args.seed)
+    test = load_dataset(args.dataset, False, args.data_path, subset=args.test_subset, seed=args.seed)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = DataLoader(train, batch_size=max(1, args.batch_size // world), sampler=sampler, drop_last=True)
     example = test[0][0][None].to(device)  # the same on every rank
 
     torch.manual_seed(args.seed)
-    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans).to(device)
+    kwargs = {"width": args.width} if args.model in MODELS else {}
+    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans, **kwargs).to(device)
     norms = filter_norm_rms(model)  # for fine-tuning after step(): see restore_filter_norms
     pruner = StripePruner(model, example, sr=args.sr, threshold=args.threshold,
                           ignored_layers=[model.get_classifier()])
@@ -164,7 +167,7 @@ def main(argv=None) -> None:
         swp_plugin.save(model, args.out)
     dist.barrier()
     torch.manual_seed(args.seed)
-    loaded = swp_plugin.load(args.out, create_model(args.model, num_classes=num_classes, in_chans=in_chans))
+    loaded = swp_plugin.load(args.out, create_model(args.model, num_classes=num_classes, in_chans=in_chans, **kwargs))
     loaded.to(device).eval()
     model.eval()
     with torch.no_grad():

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +35,7 @@ import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner
 from swp_plugin.models import resnet20
 from swp_plugin.persistence import describe
+from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST
 from swp_plugin.testing import randomize_skeletons, regularized_step, rel_err
 
 WORLD = 2
@@ -176,3 +181,23 @@ def test_ddp_two_processes_keep_skeletons_masks_and_pruned_model_identical(tmp_p
     assert all(step["differ"] == [] for rank in ranks for step in rank["finetune"])
     assert all(rank["loaded_equals_rank0"] for rank in ranks)
     assert all("build the pruner on the bare model" in rank["pruner_on_wrapper"] for rank in ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist missing")
+def test_example_under_torchrun(tmp_path):
+    """examples/ddp_prune.py with torchrun, 2 processes, a tiny budget (20-60 s on 2 cores)."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_prune.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(example), "--subset", "512", "--test-subset", "256", "--width", "0.25", "--sr", "2",
+           "--epochs", "1", "--finetune-epochs", "1", "--out", str(tmp_path / "pruned.pt")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "equal on every rank after every epoch: True; the same pruned model on every rank after step(): True" in out
+    assert float(re.search(r"max\|y_dense\| = (\S+)", out).group(1)) <= 1e-4
+    dense, pruned = (float(re.search(re.escape(row) + r"\s+\S+\s+(\S+)", out).group(1))
+                     for row in ("dense, before step()", "after step()"))
+    assert pruned < dense  # --sr 2 kills stripes within the 8 steps
+    assert float(re.search(r"max relative difference (\S+)", out).group(1)) <= 1e-5
+    assert (tmp_path / "pruned.pt").exists()
