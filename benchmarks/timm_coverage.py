@@ -1,5 +1,5 @@
-"""Coverage sweep: Stripe-Wise Pruning (``swp_plugin.StripePruner``) on timm CNNs, with torch-pruning's own
-channel pruner as an anchor.
+"""Coverage sweep: Stripe-Wise Pruning (``swp_plugin.StripePruner``) on timm CNNs or torchvision models, with
+torch-pruning's own channel pruner as an anchor.
 
 For each model, in its own subprocess with a wall-clock limit:
 
@@ -11,13 +11,22 @@ For each model, in its own subprocess with a wall-clock limit:
 * torch-pruning anchor: ``tp.pruner.BasePruner(..., GroupMagnitudeImportance(), pruning_ratio=0.3)`` on a fresh
   instance of the same model, ``step()``, a forward.
 
+torchvision models (``--source torchvision``): ``torchvision.models.get_model(name, weights=None,
+num_classes=10)``, segmentation models also with ``weights_backbone=None`` (nothing downloads) and the auxiliary
+head where they have one (dict outputs ``{'out', 'aux'}``); the layers that produce the outputs (every conv or
+linear with ``num_classes`` outputs: classifier, auxiliary classifiers, segmentation heads' last convs) are
+ignored; the loss sums cross-entropies over all outputs (per pixel for segmentation maps, auxiliary logits of
+googlenet / inception_v3 in train mode) and the exactness check takes the largest error over all outputs.
+
 Usage (from the repository root)::
 
-    python benchmarks/timm_coverage.py                       # the full sweep (30-60 min on 2 cores)
+    python benchmarks/timm_coverage.py                       # the full timm sweep (30-60 min on 2 cores)
+    python benchmarks/timm_coverage.py --source torchvision  # the torchvision sweep
     python benchmarks/timm_coverage.py --models resnet18,dla34 --json /tmp/c.json --md /tmp/c.md
     python benchmarks/timm_coverage.py --one resnet18         # one model in this process, record printed
 
-Writes ``benchmarks/results/timm_coverage.json`` (one record per model) and ``docs/coverage.md``.
+Writes ``benchmarks/results/{timm,torchvision}_coverage.json`` (one record per model) and the source's
+section of ``docs/coverage.md`` (between ``<!-- coverage:SOURCE -->`` markers; the other sections are kept).
 The per-model functions (``run_swp``, ``run_tp``) are imported by ``tests/test_timm_coverage.py``.
 """
 
@@ -42,9 +51,10 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "timm_coverage.json"
 DEFAULT_MD = ROOT / "docs" / "coverage.md"
 TOLERANCE = 1e-4
+NUM_CLASSES = 10
+SOURCES = ("timm", "torchvision")
 
 # name -> family; the smallest variant of each family, plus a few with a special layer (noted).
 MODELS: Dict[str, str] = {
@@ -140,16 +150,49 @@ FLOAT64 = {"repvit_m0_9"}
 # Per-model input size where the default does not suit (every model above runs at 96x96 in timm 1.0.31).
 SIZES: Dict[str, int] = {}
 
+# torchvision 0.28: every CNN family (smallest variants, plus the ones with a special layer) and the segmentation
+# models. All run at 96x96 (inception_v3 and googlenet need >= 75; alexnet pools adaptively to 6x6).
+TORCHVISION_MODELS: Dict[str, str] = {
+    "resnet18": "resnet",
+    "resnet50": "resnet",
+    "resnext50_32x4d": "resnext",
+    "wide_resnet50_2": "wide resnet",
+    "vgg11": "vgg",  # no BatchNorm, dropout in the classifier
+    "vgg11_bn": "vgg",
+    "alexnet": "alexnet",  # no BatchNorm, 11x11 stride-4 stem
+    "squeezenet1_0": "squeezenet",  # fire modules (concat), a conv classifier, no BatchNorm
+    "squeezenet1_1": "squeezenet",
+    "densenet121": "densenet",
+    "googlenet": "inception",  # auxiliary classifiers in train mode
+    "googlenet@noaux": "inception",
+    "inception_v3": "inception",  # auxiliary classifier in train mode
+    "inception_v3@noaux": "inception",
+    "mobilenet_v2": "mobilenet",
+    "mobilenet_v3_small": "mobilenet",
+    "mobilenet_v3_large": "mobilenet",
+    "mnasnet0_5": "mnasnet",
+    "shufflenet_v2_x0_5": "shufflenet",  # channel split and shuffle
+    "efficientnet_b0": "efficientnet",
+    "efficientnet_v2_s": "efficientnet",
+    "regnet_x_400mf": "regnet",
+    "regnet_y_400mf": "regnet",
+    "convnext_tiny": "convnext",  # depthwise 7x7 convs, nn.Linear MLPs, LayerNorm
+    "fcn_resnet50": "segmentation",  # dict outputs {'out', 'aux'}
+    "deeplabv3_resnet50": "segmentation",
+    "deeplabv3_mobilenet_v3_large": "segmentation",
+    "lraspp_mobilenet_v3_large": "segmentation",  # dict output {'out'}
+}
+
+#: name suffix: the torchvision model built with ``aux_logits=False`` (no auxiliary classifiers)
+NOAUX = "@noaux"
+
+#: the model lists by ``--source``
+MODEL_LISTS: Dict[str, Dict[str, str]] = {"timm": MODELS, "torchvision": TORCHVISION_MODELS}
+#: per-model input sizes by ``--source`` (inception_v3's auxiliary classifier, run in train mode, needs 299x299)
+SIZE_OVERRIDES: Dict[str, Dict[str, int]] = {"timm": SIZES, "torchvision": {"inception_v3": 299}}
+
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-
-
-
-
-
-
 def channel_counts(model) -> Dict[str, int]:
     """Total BatchNorm ``num_features`` and total conv output channels (dense and stripe convs)."""
     import torch.nn as nn
@@ -219,12 +262,21 @@ def _stage_times(rec: dict) -> None:
     rec["_t"] = now
 
 
-def _make_model(name: str, size: int):
-    import timm
+def _make_model(name: str, size: int, source: str = "timm"):
     import torch
 
     torch.manual_seed(0)
-    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10)
+    if source == "torchvision":
+        import torchvision
+
+        kwargs = {"weights": None, "num_classes": NUM_CLASSES, **({"aux_logits": False} if NOAUX in name else {})}
+        if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+            kwargs.update(weights_backbone=None, **({} if name.startswith("lraspp") else {"aux_loss": True}))
+        model = torchvision.models.get_model(name.removesuffix(NOAUX), **kwargs)
+        return model.eval(), torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    import timm
+
+    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=NUM_CLASSES)
     if name.endswith(REPARAM):  # the deploy form of a reparameterisable net
         from timm.utils.model import reparameterize_model
 
@@ -233,6 +285,72 @@ def _make_model(name: str, size: int):
     if name in FLOAT64:
         model, x = model.double(), x.double()
     return model.eval(), x
+
+
+def output_layers(model, source: str = "timm") -> list:
+    """The layers that produce the model's outputs, ignored by both pruners: timm's ``get_classifier()``; for
+    torchvision every conv or linear with ``NUM_CLASSES`` outputs (classifier, auxiliary classifiers, the last
+    conv of each segmentation head)."""
+    import torch.nn as nn
+
+    if source == "timm":
+        return [model.get_classifier()]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+              and getattr(m, "out_channels", getattr(m, "out_features", None)) == NUM_CLASSES]
+    if not layers:
+        raise ValueError(f"no conv or linear layer with {NUM_CLASSES} outputs in {type(model).__name__}")
+    return layers
+
+
+def _outputs(y) -> list:
+    """The tensors of a model output: a tensor, a tuple (torchvision's auxiliary logits; ``None`` entries skipped)
+    or a dict (segmentation). Local, not the core's: the torch-pruning anchor must not depend on the core."""
+    if isinstance(y, dict):
+        y = list(y.values())
+    if isinstance(y, (tuple, list)):
+        return [t for v in y for t in _outputs(v)]
+    return [] if y is None else [y]
+
+
+def _loss(y, n: int):
+    """Cross-entropy summed over the outputs: logits ``(n, classes)`` or per-pixel maps ``(n, classes, H, W)``."""
+    import torch
+    import torch.nn.functional as F
+
+    target = torch.arange(n) % NUM_CLASSES
+    return sum(F.cross_entropy(o, target.view(-1, *[1] * (o.dim() - 2)).expand(n, *o.shape[2:]))
+               for o in _outputs(y))
+
+
+def _regularized_step(model, pruner, x, lr: float = 0.01) -> None:
+    """One step of the documented loop (forward, backward, ``pruner.regularize``, SGD step) with :func:`_loss`."""
+    import torch
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    loss = _loss(model(x), x.shape[0])
+    optimizer.zero_grad()
+    loss.backward()
+    pruner.regularize(model)
+    optimizer.step()
+
+
+def _stripe_macs_share(model, layers, x, macs: float) -> Dict[str, float]:
+    """Fraction of the model's MACs in the ``layers`` (skeleton convs) with ``groups=1`` (what stripe pruning can
+    remove) and in those with a kernel larger than 1x1 (where a stripe is finer than a filter)."""
+    from swp_plugin.pruning.graph import run_with_hooks
+
+    found = {"g1": 0.0, "kxk": 0.0}
+
+    def hook(conv, inputs, output) -> None:
+        if getattr(conv, "groups", 1) == 1:
+            kh, kw = conv.kernel_size
+            m = output[0].numel() * conv.in_channels * kh * kw
+            found["g1"] += m
+            found["kxk"] += m if kh * kw > 1 else 0
+
+    run_with_hooks(model, layers, hook, x[:1])
+    return {"macs_share_g1": found["g1"] / macs, "macs_share_kxk": found["kxk"] / macs}
 
 
 def _finished(rec: dict, t_start: float) -> dict:
@@ -256,11 +374,10 @@ def _stager(rec: dict, progress: Callable[[dict], None] | None) -> Callable[[str
 
 
 # ---------------------------------------------------------------------------------------------- SWP
-def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
+def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
     """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
     with the stage they happened in). ``progress(record)`` is called when each stage starts."""
     import torch
-    import torch.nn.functional as F
 
     rec: dict = {"status": "running", "stage": None}
     t_start = time.perf_counter()
@@ -269,10 +386,10 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
     try:
         stage("import")
         import swp_plugin
-        from swp_plugin.testing import calibrate_bn, randomize_skeletons, regularized_step
+        from swp_plugin.testing import calibrate_bn, randomize_skeletons
 
         stage("create")
-        model, x = _make_model(name, size)
+        model, x = _make_model(name, size, source)
         stage("count_before")
         macs, params = swp_plugin.count_ops_and_params(model, x[:1])
         rec.update(macs_before=float(macs), params_before=int(params))
@@ -281,16 +398,18 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
         stage("pruner")
         t = time.perf_counter()
         pruner = swp_plugin.StripePruner(model, x[:1], sr=1e-4, threshold=0.05,
-                                         ignored_layers=[model.get_classifier()])
+                                         ignored_layers=output_layers(model, source))
         rec["t_pruner"] = time.perf_counter() - t
         rec["skeletons"] = len(pruner.skeletons)
         rec["skipped"] = len(pruner.skipped)
         rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
+        modules = dict(model.named_modules())
+        rec.update(_stripe_macs_share(model, [modules[n] for n in pruner.skeletons], x, rec["macs_before"]))
 
         stage("skeleton")
         randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
         stage("regularize")
-        regularized_step(model, pruner, x)
+        _regularized_step(model, pruner, x)
         stage("calibrate")
         calibrate_bn(model, x)
         with torch.no_grad():
@@ -314,8 +433,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
         stage("backward")
         model.train()
         model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % 10)
-        loss.backward()
+        _loss(model(x), x.shape[0]).backward()
         params = [p for p in model.parameters() if p.requires_grad]
         if not any(p.grad is not None for p in params):
             raise RuntimeError("backward gave no gradient to any parameter")
@@ -341,8 +459,11 @@ def _measure_after(rec: dict, model, x, y0) -> None:
     try:
         model.eval()
         with torch.no_grad():
-            y1 = model(x)
-            rec["rel_err"] = rel_err(y0, y1)
+            before, after = _outputs(y0), _outputs(model(x))
+        shapes = [tuple(t.shape) for t in before], [tuple(t.shape) for t in after]
+        if shapes[0] != shapes[1]:
+            raise RuntimeError(f"output shapes {shapes[0]} became {shapes[1]}")
+        rec["rel_err"] = max(rel_err(a, b) for a, b in zip(before, after))  # the worst output (dict, tuple)
     except Exception as err:  # noqa: BLE001
         rec["after_forward_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
     counts = channel_counts(model)
@@ -351,7 +472,7 @@ def _measure_after(rec: dict, model, x, y0) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- anchor
-def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
+def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
     """torch-pruning's own channel pruner (magnitude, ratio 0.3) on a fresh model, then a forward."""
     import torch
     import torch_pruning as tp
@@ -370,13 +491,15 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
             rec["counter"] = "torch_pruning"
 
         stage("create")
-        model, x = _make_model(name, size)
+        model, x = _make_model(name, size, source)
         macs, params = count_ops_and_params(model, x[:1])
         rec.update(macs_before=float(macs), params_before=int(params))
+        with torch.no_grad():
+            shapes = [tuple(t.shape) for t in _outputs(model(x))]
         stage("pruner")
         t = time.perf_counter()
         pruner = tp.pruner.BasePruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(),
-                                      pruning_ratio=0.3, ignored_layers=[model.get_classifier()])
+                                      pruning_ratio=0.3, ignored_layers=output_layers(model, source))
         rec["t_pruner"] = time.perf_counter() - t
         stage("step")
         t = time.perf_counter()
@@ -384,9 +507,16 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
         rec["t_step"] = time.perf_counter() - t
         stage("forward")
         with torch.no_grad():
-            y = model(x)
-        if tuple(y.shape) != (x.shape[0], 10):
-            raise RuntimeError(f"output shape {tuple(y.shape)} after pruning")
+            after = [tuple(t.shape) for t in _outputs(model(x))]
+        if after != shapes:
+            raise RuntimeError(f"output shapes {shapes} became {after} after pruning")
+        try:  # information only (not part of the status): does the pruned model still run in train mode?
+            model.train()
+            model(x)
+            rec["train_forward"] = "ok"
+        except Exception as err:  # noqa: BLE001
+            rec["train_forward"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
+        model.eval()
         stage("count_after")
         macs, params = count_ops_and_params(model, x[:1])
         rec.update(macs_after=float(macs), params_after=int(params))
@@ -410,7 +540,7 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 1) -> int:
+def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 1, source: str = "timm") -> int:
     """``--one NAME``: run one model in this process; the record (updated at each stage) goes to ``out``."""
     import warnings
 
@@ -419,7 +549,7 @@ def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     progress = (lambda rec: _write_json(Path(out), rec)) if out else None
-    rec = RUNNERS[mode](name, size, progress)
+    rec = RUNNERS[mode](name, size, progress, source)
     rec["core"] = core_fingerprint()
     if out:
         _write_json(Path(out), rec)
@@ -449,13 +579,13 @@ def held(lock_file: str | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
+def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1, source: str = "timm") -> dict:
     """Run one model in a subprocess (``--one``) with a wall-clock limit; a timeout or crash is recorded with
     the last stage the child reported."""
     with tempfile.TemporaryDirectory(prefix="timm_cov_") as tmp:
         out = Path(tmp) / "rec.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--mode", mode, "--size", str(size),
-               "--out", str(out), "--threads", str(threads)]
+               "--out", str(out), "--threads", str(threads), "--source", source]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         t, cpu = time.perf_counter(), _children_cpu()
         try:
@@ -493,34 +623,85 @@ def _status(r: dict) -> str:
     return s
 
 
+def _protocol(meta: dict) -> str:
+    """The protocol paragraph of a source's section."""
+    if meta.get("source", "timm") == "timm":
+        create = (f"random init, `num_classes=10`, input `4x3xSxS`, S = 96 unless noted; float64 for "
+                  f"{', '.join(sorted(FLOAT64))}, whose float32 forward at random init is dominated by rounding")
+        ignored, checked = "[classifier]", "the logits"
+    else:
+        create = ("`torchvision.models.get_model(name, weights=None, num_classes=10)`, segmentation models with "
+                  "`weights_backbone=None` and their auxiliary head where they have one (dict outputs `{'out', "
+                  "'aux'}`), input `4x3xSxS`, S = 96 (inception_v3: 299, the least its auxiliary classifier "
+                  "takes in train mode); `@noaux`: built with `aux_logits=False`")
+        ignored = "output_layers"
+        checked = "every output (the worst one: logits, segmentation maps)"
+    return (
+        f"Protocol per model ({create}): `StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers="
+        f"{ignored})`, random sparse skeleton (50% stripes dead, 30% filters dead), one `regularize()`d SGD step, "
+        f"BatchNorm calibration, eval outputs before/after `step()`; **exact** = `max|diff|/max|y| <= 1e-4` on "
+        f"{checked}, and a train-mode forward + backward of the pruned model works. *Channels removed*: total "
+        "BatchNorm features or conv output channels went down. *MACs in g=1 / KxK convs*: share of the model's "
+        "MACs in the convs that get a Filter Skeleton with `groups=1` (what stripe pruning removes), and in those "
+        "of them with a kernel larger than 1x1 (where a stripe is finer than a filter). Anchor: "
+        "`tp.pruner.BasePruner(GroupMagnitudeImportance(), pruning_ratio=0.3)` on a fresh model, same ignored "
+        "layers, `step()`, forward (output shapes unchanged). MACs (per image) and params from "
+        "`swp_plugin.count_ops_and_params` (torch-pruning's counter plus stripe layers and timm's conv/norm "
+        "subclasses), in millions. Each run in its own process with a time limit "
+        f"(SWP {meta['timeout']:g} s, torch-pruning {meta['tp_timeout']:g} s). *step s*: wall time of `step()` "
+        "(construction time, per-stage times and the child's CPU time are in the JSON; wall times on a shared "
+        "machine are indicative only)." + ("" if meta.get("source", "timm") == "timm" else _TORCHVISION_NOTES)
+    )
+
+
+_TORCHVISION_NOTES = (
+    " `output_layers`: every conv or linear with 10 outputs (classifiers, auxiliary classifiers, the last conv of "
+    "each segmentation head), ignored by both pruners so that every output keeps its channels. The training loss "
+    "sums cross-entropies over all outputs (per pixel for segmentation maps; googlenet's and inception_v3's "
+    "auxiliary logits in train mode). Their auxiliary classifiers run only in train mode, and torch-pruning's "
+    "DependencyGraph is traced in eval mode: channel cleanup removes channels those heads read, so the eval outputs "
+    "stay exact but a train-mode forward fails, for SWP and for torch-pruning's own pruner alike (see the errors "
+    "below); `@noaux` builds the model without them."
+)
+
+
+def _share(s: dict) -> str:
+    if s.get("macs_share_g1") is None:
+        return "-"
+    return f"{100 * s['macs_share_g1']:.0f} / {100 * s['macs_share_kxk']:.0f}"
+
+
+def _little_to_gain(records: List[dict], below: float = 0.25) -> List[str]:
+    """A paragraph naming the models whose MACs lie mostly where stripes are no finer than filters."""
+    few = [f"{r['model']} ({_share(r['swp'])})" for r in records
+           if r["swp"].get("macs_share_kxk") is not None and r["swp"]["macs_share_kxk"] < below]
+    if not few:
+        return []
+    return ["", f"Where SWP can do little beyond channel pruning: less than {100 * below:.0f}% of the MACs in "
+            f"stripe-prunable KxK convs (g=1 / KxK %): {', '.join(few)}. In 1x1 convs a stripe is a whole filter "
+            "(SWP prunes like a channel pruner there); depthwise and grouped convs stay dense (a depthwise stripe is "
+            "one weight; whole dead filters still go); `nn.Linear` layers get no skeleton - e.g. ConvNeXt, whose "
+            "MLPs are `nn.Linear` and whose 7x7 convs are depthwise, leaves SWP only its stem and downsampling convs."]
+
+
 def render_md(records: List[dict], meta: dict) -> str:
+    """The markdown section of one sweep (``meta['source']``: timm or torchvision)."""
     n = len(records)
     swp = [r["swp"] for r in records]
     tpr = [r["tp"] for r in records]
     exact = [s for s in swp if s.get("status") == "exact"]
     cleanup = [s for s in exact if s.get("channels_removed")]
     tp_ok = [t for t in tpr if t.get("status") == "ok"]
+    title = "timm CNNs" if meta.get("source", "timm") == "timm" else "torchvision models"
     lines = [
-        "# SWP coverage on timm CNNs",
+        f"# SWP coverage on {title}",
         "",
         f"Produced by `{meta['command']}` on {meta['date']} ({meta['machine']}).",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
         f"swp_plugin core: {_core_summary(records)}.",
         "",
-        "Protocol per model (random init, `num_classes=10`, input `4x3xSxS`, S = 96 unless noted; float64 for "
-        f"{', '.join(sorted(FLOAT64))}, whose float32 forward at random init is dominated by rounding): "
-        "`StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=[classifier])`, random sparse "
-        "skeleton (50% stripes dead, 30% filters dead), one `regularize()`d SGD step, BatchNorm calibration, "
-        "eval outputs before/after `step()`; **exact** = `max|diff|/max|y| <= 1e-4` on the logits and a "
-        "train-mode forward + backward of the pruned model works. *Channels removed*: total BatchNorm features "
-        "or conv output channels went down. Anchor: `tp.pruner.BasePruner(GroupMagnitudeImportance(), "
-        "pruning_ratio=0.3)` on a fresh model, `step()`, forward. MACs (per image) and params from "
-        "`swp_plugin.count_ops_and_params` (torch-pruning's counter plus stripe layers and timm's conv/norm "
-        "subclasses), in millions. Each run in its own process with a time limit "
-        f"(SWP {meta['timeout']:g} s, torch-pruning {meta['tp_timeout']:g} s). *step s*: wall time of `step()` "
-        "(construction time, per-stage times and the child's CPU time are in the JSON; wall times on a shared "
-        "machine are indicative only).",
+        _protocol(meta),
         "",
         f"**SWP: {len(exact)}/{n} exact ({len(cleanup)} with channel cleanup); "
         f"torch-pruning BasePruner: {len(tp_ok)}/{n}**",
@@ -528,8 +709,8 @@ def render_md(records: List[dict], meta: dict) -> str:
         "SWP: " + _counts(swp) + ". torch-pruning: " + _counts(tpr) + ".",
         "",
         "| model | family | S | SWP | rel err | MACs M before->after | params M before->after | channels removed |"
-        " step s | tp anchor | tp MACs M after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " MACs in g=1 / KxK convs % | step s | tp anchor | tp MACs M after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         s, t = r["swp"], r["tp"]
@@ -540,16 +721,37 @@ def render_md(records: List[dict], meta: dict) -> str:
             f"| {r['model']} | {r['family']} | {r['size']} | {_status(s)} | "
             f"{'-' if err is None else f'{err:.1e}'} | {_m(s.get('macs_before'))} -> {_m(s.get('macs_after'))} | "
             f"{_m(s.get('params_before'))} -> {_m(s.get('params_after'))} | "
-            f"{'-' if removed is None else ('yes' if removed else 'no')} | "
+            f"{'-' if removed is None else ('yes' if removed else 'no')} | {_share(s)} | "
             f"{step} | "
             f"{_status(t)} | {_m(t.get('macs_after'))} |"
         )
+    lines += _little_to_gain(records)
     lines += ["", "## SWP errors and inexact results, by type", ""]
     lines += _grouped(records, "swp") or ["none"]
     lines += ["", "## torch-pruning anchor errors, by type", ""]
     lines += _grouped(records, "tp") or ["none"]
+    broken = [f"`{r['model']}` ({r['tp']['train_forward'][:160]})".replace("|", "\\|") for r in records
+              if r["tp"].get("status") == "ok" and r["tp"].get("train_forward", "ok") != "ok"]
+    if broken:
+        lines += ["", "Anchor runs counted ok (its check is an eval forward) whose pruned model no longer runs in "
+                  "train mode: " + "; ".join(broken) + "."]
     lines.append("")
     return "\n".join(lines)
+
+
+def write_section(path: Path, source: str, text: str) -> None:
+    """Put ``text`` between ``<!-- coverage:SOURCE -->`` markers in ``path``: in place of the source's previous
+    section, else appended; the rest of the file is kept."""
+    begin, end = f"<!-- coverage:{source} -->", f"<!-- /coverage:{source} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        i, j = old.index(begin), old.index(end) + len(end)
+        new = old[:i] + block + old[j:].removeprefix("\n")
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
 
 
 def _counts(recs: List[dict]) -> str:
@@ -568,7 +770,10 @@ def _grouped(records: List[dict], key: str) -> List[str]:
             continue
         msg = s.get("error", "")
         msg = (msg[:240] + " [...]" if len(msg) > 240 else msg).replace("|", "\\|").replace("`", "'")
-        extra = f" (rel err after the failed step: {s['rel_err']:.3g})" if s.get("rel_err") is not None else ""
+        extra = ""
+        if s.get("rel_err") is not None:
+            extra = (f" (rel err after the failed step: {s['rel_err']:.3g})" if s.get("stage") == "step" else
+                     f" (eval outputs after step(): rel err {s['rel_err']:.3g})")
         groups[s.get("error_type", "?")].append(f"`{r['model']}` ({s.get('stage')}): {msg}{extra}")
     out = []
     for kind, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
@@ -581,9 +786,7 @@ def _core_summary(records: List[dict]) -> str:
     cores: Dict[str, List[str]] = defaultdict(list)
     for r in records:
         c = r["swp"].get("core") or r["tp"].get("core") or {}
-        cores[f"`{c.get('path')}` (git {c.get('git', '?')}, sources sha1 {c.get('sha1')})" if c else "unknown"].append(
-            r["model"]
-        )
+        cores[f"git {c.get('git', '?')}, sources sha1 {c.get('sha1')}" if c else "unknown"].append(r["model"])
     if len(cores) <= 1:
         return next(iter(cores), "unknown")
     return "**changed during the sweep** (the SWP run of each model used the one listed): " + "; ".join(
@@ -597,22 +800,34 @@ def _command(argv: List[str]) -> str:
         script_s = str(script.relative_to(ROOT))
     except ValueError:
         script_s = str(script)
-    return " ".join(["python", script_s] + [shlex.quote(a) for a in argv[1:]])
+    args, skip = [], False
+    for a in argv[1:]:  # --lock FILE only orders this job with other timing jobs: not part of the recipe
+        if skip or a.startswith("--lock="):
+            skip = False
+            continue
+        skip = a == "--lock"
+        if not skip:
+            args.append(shlex.quote(a))
+    return " ".join(["python", script_s] + args)
 
 
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", help=f"comma-separated subset (default: the full list, {len(MODELS)} models)")
+    p.add_argument("--source", choices=SOURCES, default="timm", help="where the models come from (default timm)")
+    p.add_argument("--models", help=f"comma-separated subset (default: the source's full list, {len(MODELS)} timm / "
+                   f"{len(TORCHVISION_MODELS)} torchvision models)")
     p.add_argument("--timeout", type=float, default=300, help="SWP wall-clock limit per model, s (default 300)")
     p.add_argument("--tp-timeout", type=float, default=120, help="torch-pruning limit per model, s (default 120)")
     p.add_argument("--size", type=int, default=96, help="input size S (default 96; per-model overrides in SIZES)")
-    p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON (default %(default)s)")
-    p.add_argument("--md", default=str(DEFAULT_MD), help="output markdown (default %(default)s)")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/SOURCE_coverage.json)")
+    p.add_argument("--md", default=str(DEFAULT_MD), help="markdown file whose SOURCE section is (re)written "
+                   "(default docs/coverage.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process (default 1: robust "
                    "on a shared machine, where OpenMP threads\nof several processes oversubscribe the cores)")
     p.add_argument("--skip-tp", action="store_true", help="do not run the torch-pruning anchor")
     p.add_argument("--resume", action="store_true", help="keep the records already in --json, run the rest")
+    p.add_argument("--from-json", action="store_true", help="run nothing: render the markdown from --json again")
     p.add_argument("--lock", metavar="FILE", help="hold an exclusive lock on FILE (flock) while a model runs, so that "
                    "timing jobs of other\nprocesses that take the same lock run between models, not beside them")
     p.add_argument("--one", metavar="NAME", help="run one model in this process (used by the sweep)")
@@ -621,15 +836,28 @@ def main(argv: List[str] | None = None) -> int:
     args = p.parse_args(argv[1:])
 
     if args.one:
-        return child_main(args.one, args.mode, SIZES.get(args.one, args.size), args.out, args.threads)
+        size = SIZE_OVERRIDES[args.source].get(args.one, args.size)
+        return child_main(args.one, args.mode, size, args.out, args.threads, args.source)
 
-    import timm
+    models = MODEL_LISTS[args.source]
+    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"{args.source}_coverage.json")
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list(models)
+    if args.source == "timm":
+        import timm
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list(MODELS)
-    unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
+        unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
+    else:
+        import torchvision
+
+        unknown = sorted(n for n in names if n.removesuffix(NOAUX) not in torchvision.models.list_models())
     if unknown:
-        p.error(f"not timm models: {', '.join(unknown)}")
+        p.error(f"not {args.source} models: {', '.join(unknown)}")
+    if args.from_json:
+        saved = json.loads(json_path.read_text())
+        write_section(Path(args.md), args.source, render_md(saved["records"], saved["meta"]))
+        return 0
     meta = {
+        "source": args.source,
         "command": _command(argv),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} CPU cores, torch CPU, {args.threads} thread(s) per model process",
@@ -638,8 +866,8 @@ def main(argv: List[str] | None = None) -> int:
         "tp_timeout": args.tp_timeout,
     }
     done: Dict[str, dict] = {}
-    if args.resume and Path(args.json).exists():
-        previous = json.loads(Path(args.json).read_text())
+    if args.resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
         done = {r["model"]: r for r in previous.get("records", []) if r["model"] in names}
         meta["command"], meta["date"] = previous["meta"]["command"], previous["meta"]["date"]
     records: List[dict] = []
@@ -648,26 +876,25 @@ def main(argv: List[str] | None = None) -> int:
         if name in done:
             records.append(done[name])
             continue
-        size = SIZES.get(name, args.size)
-        rec = {"model": name, "family": MODELS.get(name, name.split("_")[0]), "size": size}
+        size = SIZE_OVERRIDES[args.source].get(name, args.size)
+        rec = {"model": name, "family": models.get(name, name.split("_")[0]), "size": size}
         with held(args.lock):
-            rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads)
+            rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads, args.source)
             if args.skip_tp:
                 rec["tp"] = {"status": "skipped"}
             else:
-                rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads)
+                rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads, args.source)
         records.append(rec)
-        _write_json(Path(args.json), {"meta": meta, "records": records})
+        _write_json(json_path, {"meta": meta, "records": records})
         s, t = rec["swp"], rec["tp"]
         err = f" rel_err={s['rel_err']:.1e}" if s.get("rel_err") is not None else ""
         why = f" [{s.get('error_type')}: {s.get('error', '')[:100]}]" if s.get("error_type") else ""
         print(f"[{i}/{len(names)} {time.perf_counter() - t0:.0f}s] {name}: SWP {_status(s)}{err}{why}; "
               f"tp {_status(t)} ({s.get('wall_process', 0):.0f}s + {t.get('wall_process', 0):.0f}s)", flush=True)
     meta["wall_total_s"] = round(time.perf_counter() - t0, 1)
-    _write_json(Path(args.json), {"meta": meta, "records": records})
+    _write_json(json_path, {"meta": meta, "records": records})
     md = render_md(records, meta)
-    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.md).write_text(md)
+    write_section(Path(args.md), args.source, md)
     print()
     print(md)
     return 0

@@ -1,4 +1,5 @@
-"""CI-sized slice of benchmarks/timm_coverage.py: the same per-model SWP pipeline, in-process, on fast timm CNNs.
+"""CI-sized slice of benchmarks/timm_coverage.py: the same per-model SWP pipeline, in-process, on fast timm CNNs
+and torchvision models (dict outputs of segmentation models, a conv classifier without BatchNorm).
 
 Random sparse skeleton (dead stripes and dead filters), one regularized step, BatchNorm calibration, ``step()``;
 the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must train (backward).
@@ -53,6 +54,46 @@ def test_coverage_pipeline_exact(name):
     assert rec["status"] == "exact"
     assert rec["backward_ok"]
     assert rec["macs_after"] < rec["macs_before"]
+
+
+# torchvision (--source torchvision): segmentation with dict outputs, squeezenet (conv classifier, no BatchNorm),
+# googlenet without its train-mode auxiliary classifiers.
+TORCHVISION = ["lraspp_mobilenet_v3_large", "squeezenet1_1", "googlenet@noaux"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_coverage_pipeline_exact_torchvision(name):
+    rec = coverage.run_swp(name, size=64, source="torchvision")
+    assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
+    assert rec["rel_err"] <= coverage.TOLERANCE and rec["status"] == "exact" and rec["backward_ok"]
+    assert rec["macs_after"] < rec["macs_before"] and rec["channels_removed"]
+    assert 0 < rec["macs_share_kxk"] <= rec["macs_share_g1"] <= 1
+
+
+def test_output_layers_of_a_segmentation_model_are_its_heads_last_convs():
+    model, x = coverage._make_model("lraspp_mobilenet_v3_large", 64, "torchvision")
+    assert set(coverage.output_layers(model, "torchvision")) == {model.classifier.low_classifier,
+                                                                 model.classifier.high_classifier}
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, dict) and [tuple(t.shape) for t in coverage._outputs(y)] == [(4, 10, 64, 64)]
+    loss = coverage._loss(y, 4)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    md = tmp_path / "coverage.md"
+    coverage.write_section(md, "timm", "# timm\nold")
+    coverage.write_section(md, "torchvision", "# torchvision\nfirst")
+    coverage.write_section(md, "torchvision", "# torchvision\nsecond")
+    text = md.read_text()
+    assert text.count("<!-- coverage:torchvision -->") == 1 and "first" not in text and "second" in text
+    assert text.index("# timm\nold") < text.index("# torchvision")
+
+
+def test_command_names_no_lock_file():
+    command = coverage._command(["benchmarks/timm_coverage.py", "--source", "torchvision", "--lock", "/x/cpu.lock"])
+    assert command == "python benchmarks/timm_coverage.py --source torchvision"
 
 
 def test_report_renders():
