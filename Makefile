@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run quickstart test lint test-all
+.PHONY: setup run quickstart test lint test-all sanitize
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,15 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Memory safety (docs/memory_safety.md): the stripe kernel built with ASan + UBSan + its range checks (SWP_SANITIZE=1),
+# native (AVX-512) and generic builds; the kernel tests, the fuzz and a one-process model sweep run under it.
+SAN_ENV = SWP_SANITIZE=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONWARNINGS=ignore
+sanitize: setup
+	for arch in native generic; do \
+	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m swp_plugin.testing.fuzz --cases 1000 --seed 2 || exit 1; \
+	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stripe_conv.py || exit 1; \
+	done
+	$(SAN_ENV) $(BIN)/python -m swp_plugin.testing.sweep --models \
+	  resnet18,resnet18d,mobilenetv3_small_050,densenet121,dla34,regnetx_002,ghostnet_050,tf_efficientnet_b0,mixnet_s,repvgg_a0

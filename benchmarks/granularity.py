@@ -47,9 +47,8 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader
 
-from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
+from swp_plugin import StripeConv2d, StripePruner
 from swp_plugin.models import create_model
 from swp_plugin.recipes.baselines import (
     ShapeWisePruner,
@@ -67,8 +66,7 @@ from swp_plugin.recipes.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.recipes.data import dataset_info, load_dataset
-from swp_plugin.recipes.training import evaluate, fit
+from swp_plugin.recipes.runner import StageRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "granularity.json"
@@ -150,37 +148,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-class Bench:
-    """Data, loaders and the training/evaluation helpers shared by every method."""
+class Bench(StageRunner):
+    """The stage runner on Fashion-MNIST with the benchmark's options (``args``)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__("fashion_mnist", args.data_path, subset=args.subset, test_subset=args.test_subset,
+                         batch_size=args.batch_size, test_batch=500, weight_decay=args.weight_decay,
+                         device=args.device, seed=args.seed, progress=not args.no_progress)
         self.args = args
-        self.progress = not args.no_progress
-        self.in_chans, self.num_classes = dataset_info("fashion_mnist")
-        train = load_dataset("fashion_mnist", True, args.data_path, subset=args.subset or None, seed=args.seed)
-        test = load_dataset("fashion_mnist", False, args.data_path, subset=args.test_subset or None, seed=args.seed)
-        gen = torch.Generator().manual_seed(args.seed)
-        self.train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=gen,
-                                       drop_last=len(train) > args.batch_size)
-        self.test_loader = DataLoader(test, batch_size=500)
-        self.example = next(iter(self.test_loader))[0][:1].to(args.device)
-        print(f"data: fashion_mnist, {len(train)} training / {len(test)} test images; device {args.device}, "
-              f"{torch.get_num_threads()} threads", flush=True)
-
-    def steps(self, epochs: int) -> int:
-        return epochs * len(self.train_loader)
-
-    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, after_backward=None, after_step=None):
-        return fit(model, self.train_loader, epochs, lr, weight_decay=self.args.weight_decay,
-                   after_backward=after_backward, after_step=after_step, device=self.args.device, desc=desc,
-                   progress=self.progress)
-
-    def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test_loader, device=self.args.device)
-
-    def counts(self, model: nn.Module):
-        macs, params = count_ops_and_params(model, self.example)
-        return int(macs), int(params)
+        print(self.describe("fashion_mnist"), flush=True)
 
 
 def dense_backend(model: nn.Module) -> nn.Module:

@@ -11,23 +11,28 @@ For each model, in its own subprocess with a wall-clock limit:
 * torch-pruning anchor: ``tp.pruner.BasePruner(..., GroupMagnitudeImportance(), pruning_ratio=0.3)`` on a fresh
   instance of the same model, ``step()``, a forward.
 
-torchvision models (``--source torchvision``): ``torchvision.models.get_model(name, weights=None,
-num_classes=10)``, segmentation models also with ``weights_backbone=None`` (nothing downloads) and the auxiliary
-head where they have one (dict outputs ``{'out', 'aux'}``); the layers that produce the outputs (every conv or
-linear with ``num_classes`` outputs: classifier, auxiliary classifiers, segmentation heads' last convs) are
-ignored; the loss sums cross-entropies over all outputs (per pixel for segmentation maps, auxiliary logits of
-googlenet / inception_v3 in train mode) and the exactness check takes the largest error over all outputs.
+torchvision models (``--source torchvision``, :mod:`swp_plugin.testing.torchvision_models`):
+``torchvision.models.get_model(name, weights=None, num_classes=10)``, segmentation models also with
+``weights_backbone=None`` (nothing downloads) and their auxiliary head where they have one (dict outputs
+``{'out', 'aux'}``); every conv or linear with 10 outputs (classifiers, auxiliary classifiers, the last conv of
+each segmentation head) is ignored; the loss sums cross-entropies over all outputs and the exactness check takes
+the worst output.
 
 Usage (from the repository root)::
 
     python benchmarks/timm_coverage.py                       # the full timm sweep (30-60 min on 2 cores)
-    python benchmarks/timm_coverage.py --source torchvision  # the torchvision sweep
+    python benchmarks/timm_coverage.py --source torchvision  # the torchvision sweep (about 10 min)
     python benchmarks/timm_coverage.py --models resnet18,dla34 --json /tmp/c.json --md /tmp/c.md
     python benchmarks/timm_coverage.py --one resnet18         # one model in this process, record printed
 
-Writes ``benchmarks/results/{timm,torchvision}_coverage.json`` (one record per model) and the source's
-section of ``docs/coverage.md`` (between ``<!-- coverage:SOURCE -->`` markers; the other sections are kept).
-The per-model functions (``run_swp``, ``run_tp``) are imported by ``tests/test_timm_coverage.py``.
+    python benchmarks/timm_coverage.py --one-process          # every model in this process, in sequence
+
+Writes ``benchmarks/results/{timm,torchvision}_coverage.json`` (one record per model) and the source's section
+of ``docs/coverage.md`` (between ``<!-- coverage:SOURCE -->`` markers; the other sections are kept;
+``--from-json`` renders it again from the JSON).
+The per-model routines (``run_swp``, ``run_tp``) and the model list live in :mod:`swp_plugin.testing.sweep`.
+``--one-process`` runs them in sequence in one process (no time limit): heap damage done by one model then
+shows in a later one, which a process per model hides (the memory-safety sweep).
 """
 
 from __future__ import annotations
@@ -45,180 +50,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
+
+from swp_plugin.testing import torchvision_models
+from swp_plugin.testing.sweep import FLOAT64, MODEL_LISTS, MODELS, REPARAM, RUNNERS, SIZE_OVERRIDES, SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MD = ROOT / "docs" / "coverage.md"
-TOLERANCE = 1e-4
-NUM_CLASSES = 10
-SOURCES = ("timm", "torchvision")
-
-# name -> family; the smallest variant of each family, plus a few with a special layer (noted).
-MODELS: Dict[str, str] = {
-    "resnet18": "resnet",
-    "resnet50": "resnet",
-    "resnet18d": "resnet",  # deep stem, avg-pool downsample
-    "resnet10t": "resnet",
-    "resnext26ts": "resnext",
-    "resnext50_32x4d": "resnext",
-    "seresnet18": "senet",
-    "legacy_seresnet18": "senet",
-    "seresnext26d_32x4d": "senet",
-    "ecaresnet26t": "senet",  # ECA attention (conv1d over channels)
-    "gcresnet33ts": "senet",  # global context attention
-    "regnetx_002": "regnet",
-    "regnety_002": "regnet",
-    "regnetz_005": "regnetz",
-    "efficientnet_b0": "efficientnet",
-    "tf_efficientnet_b0": "efficientnet",  # Conv2dSame (TF 'SAME' padding)
-    "efficientnet_b0_gn": "efficientnet",  # GroupNorm
-    "efficientnet_cc_b0_4e": "efficientnet",  # CondConv2d (routed expert kernels)
-    "efficientnetv2_rw_t": "efficientnetv2",
-    "tf_efficientnetv2_b0": "efficientnetv2",
-    "tinynet_e": "tinynet",
-    "mobilenetv2_035": "mobilenetv2",
-    "mobilenetv3_small_050": "mobilenetv3",
-    "mobilenetv4_conv_small_035": "mobilenetv4",
-    "mobilenetv4_hybrid_medium": "mobilenetv4",  # attention blocks
-    "mnasnet_small": "mnasnet",
-    "semnasnet_050": "mnasnet",
-    "fbnetc_100": "fbnet",
-    "fbnetv3_b": "fbnet",
-    "ghostnet_050": "ghostnet",
-    "ghostnetv2_100": "ghostnet",
-    "ghostnetv3_050": "ghostnet",
-    "repghostnet_050": "repghost",
-    "rexnet_100": "rexnet",
-    "mixnet_s": "mixnet",
-    "densenet121": "densenet",
-    "dla34": "dla",
-    "dla46_c": "dla",
-    "dla60_res2net": "dla",
-    "dpn48b": "dpn",
-    "hrnet_w18_small": "hrnet",
-    "cspresnet50": "cspnet",
-    "cspdarknet53": "cspnet",
-    "cs3darknet_s": "cspnet",
-    "darknet17": "darknet",
-    "sedarknet21": "darknet",
-    "res2net50_14w_8s": "res2net",
-    "resnest14d": "resnest",
-    "skresnet18": "sknet",
-    "nf_resnet26": "nfnet",  # ScaledStdConv2d
-    "dm_nfnet_f0": "nfnet",
-    "repvgg_a0": "repvgg",
-    "repvgg_a0@reparam": "repvgg",  # after reparameterize(): one 3x3 conv per block
-    "mobileone_s0": "mobileone",
-    "mobileone_s0@reparam": "mobileone",
-    "convnext_atto": "convnext",  # LayerNorm
-    "convnextv2_atto": "convnext",  # GRN
-    "inception_v3": "inception",
-    "inception_v4": "inception",
-    "xception41": "xception",
-    "ese_vovnet19b_dw": "vovnet",
-    "vovnet39a": "vovnet",
-    "selecsls42b": "selecsls",
-    "gernet_s": "gernet",
-    "lcnet_050": "lcnet",
-    "tresnet_m": "tresnet",  # space-to-depth stem, anti-aliasing
-    "resnetv2_18": "resnetv2",  # pre-activation
-    "resnetv2_50x1_bit": "resnetv2",  # StdConv2d + GroupNorm
-    "hgnetv2_b0": "hgnet",
-    "hgnet_tiny": "hgnet",
-    "vgg11_bn": "vgg",
-    "repvit_m0_9": "repvit",
-    "fastvit_t8": "fastvit",
-    "mobilevit_xxs": "mobilevit (hybrid)",
-    "edgenext_xx_small": "edgenext (hybrid)",
-    "efficientvit_b0": "efficientvit (hybrid)",
-    "efficientvit_m0": "efficientvit (hybrid)",
-    "lambda_resnet26t": "lambda (hybrid)",
-    "inception_next_atto": "inception_next",
-}
-
-#: name suffix: prune the model after ``timm.utils.reparameterize_model`` (its fused inference form)
-REPARAM = "@reparam"
-
-#: Models checked in float64: at random init their float32 forward is numerically meaningless (repvit_m0_9:
-#: activations reach 1e7 and the float32 logits differ from float64 ones by 100%), so a float32 comparison
-#: measures rounding, not the pruning (in float64 its stripe conversion matches to 1e-13).
-FLOAT64 = {"repvit_m0_9"}
-
-# Per-model input size where the default does not suit (every model above runs at 96x96 in timm 1.0.31).
-SIZES: Dict[str, int] = {}
-
-# torchvision 0.28: every CNN family (smallest variants, plus the ones with a special layer) and the segmentation
-# models. All run at 96x96 (inception_v3 and googlenet need >= 75; alexnet pools adaptively to 6x6).
-TORCHVISION_MODELS: Dict[str, str] = {
-    "resnet18": "resnet",
-    "resnet50": "resnet",
-    "resnext50_32x4d": "resnext",
-    "wide_resnet50_2": "wide resnet",
-    "vgg11": "vgg",  # no BatchNorm, dropout in the classifier
-    "vgg11_bn": "vgg",
-    "alexnet": "alexnet",  # no BatchNorm, 11x11 stride-4 stem
-    "squeezenet1_0": "squeezenet",  # fire modules (concat), a conv classifier, no BatchNorm
-    "squeezenet1_1": "squeezenet",
-    "densenet121": "densenet",
-    "googlenet": "inception",  # auxiliary classifiers in train mode
-    "googlenet@noaux": "inception",
-    "inception_v3": "inception",  # auxiliary classifier in train mode
-    "inception_v3@noaux": "inception",
-    "mobilenet_v2": "mobilenet",
-    "mobilenet_v3_small": "mobilenet",
-    "mobilenet_v3_large": "mobilenet",
-    "mnasnet0_5": "mnasnet",
-    "shufflenet_v2_x0_5": "shufflenet",  # channel split and shuffle
-    "efficientnet_b0": "efficientnet",
-    "efficientnet_v2_s": "efficientnet",
-    "regnet_x_400mf": "regnet",
-    "regnet_y_400mf": "regnet",
-    "convnext_tiny": "convnext",  # depthwise 7x7 convs, nn.Linear MLPs, LayerNorm
-    "fcn_resnet50": "segmentation",  # dict outputs {'out', 'aux'}
-    "deeplabv3_resnet50": "segmentation",
-    "deeplabv3_mobilenet_v3_large": "segmentation",
-    "lraspp_mobilenet_v3_large": "segmentation",  # dict output {'out'}
-}
-
-#: name suffix: the torchvision model built with ``aux_logits=False`` (no auxiliary classifiers)
-NOAUX = "@noaux"
-
-#: the model lists by ``--source``
-MODEL_LISTS: Dict[str, Dict[str, str]] = {"timm": MODELS, "torchvision": TORCHVISION_MODELS}
-#: per-model input sizes by ``--source`` (inception_v3's auxiliary classifier, run in train mode, needs 299x299)
-SIZE_OVERRIDES: Dict[str, Dict[str, int]] = {"timm": SIZES, "torchvision": {"inception_v3": 299}}
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def channel_counts(model) -> Dict[str, int]:
-    """Total BatchNorm ``num_features`` and total conv output channels (dense and stripe convs)."""
-    import torch.nn as nn
-
-    from swp_plugin import StripeConv2d
-
-    bn = sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-    conv = sum(m.out_channels for m in model.modules() if isinstance(m, (nn.Conv2d, StripeConv2d)))
-    return {"bn_features": int(bn), "conv_out_channels": int(conv)}
-
-
-def error_info(err: BaseException) -> Dict[str, str]:
-    """Type, the message's first line (the traceback's last line) and the last frames of the traceback."""
-    lines = str(err).strip().splitlines()
-    tb = traceback.format_exception(type(err), err, err.__traceback__)
-    frames = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in frames if "swp_plugin" in f.filename.replace("\\", "/").split("/")]
-    info = {
-        "error_type": type(err).__name__,
-        "error": (lines[0] if lines else "")[:400],
-        "traceback": "".join(tb)[-3000:],
-    }
-    if ours:  # the innermost swp_plugin frame: where the core gave up (or called what failed)
-        f = ours[-1]
-        info["where"] = f"{f.filename.split('swp_plugin')[-1].lstrip('/')}:{f.lineno} {f.name}"
-    return info
 
 
 def core_fingerprint() -> Dict[str, str]:
@@ -252,284 +92,6 @@ def versions() -> Dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "missing"
     return out
-
-
-def _stage_times(rec: dict) -> None:
-    """Close the running stage's clock in ``rec['stage_s']``."""
-    now = time.perf_counter()
-    if rec.get("stage") and "_t" in rec:
-        rec.setdefault("stage_s", {})[rec["stage"]] = round(now - rec["_t"], 3)
-    rec["_t"] = now
-
-
-def _make_model(name: str, size: int, source: str = "timm"):
-    import torch
-
-    torch.manual_seed(0)
-    if source == "torchvision":
-        import torchvision
-
-        kwargs = {"weights": None, "num_classes": NUM_CLASSES, **({"aux_logits": False} if NOAUX in name else {})}
-        if name in torchvision.models.list_models(module=torchvision.models.segmentation):
-            kwargs.update(weights_backbone=None, **({} if name.startswith("lraspp") else {"aux_loss": True}))
-        model = torchvision.models.get_model(name.removesuffix(NOAUX), **kwargs)
-        return model.eval(), torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    import timm
-
-    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=NUM_CLASSES)
-    if name.endswith(REPARAM):  # the deploy form of a reparameterisable net
-        from timm.utils.model import reparameterize_model
-
-        model = reparameterize_model(model.eval())
-    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
-    if name in FLOAT64:
-        model, x = model.double(), x.double()
-    return model.eval(), x
-
-
-def output_layers(model, source: str = "timm") -> list:
-    """The layers that produce the model's outputs, ignored by both pruners: timm's ``get_classifier()``; for
-    torchvision every conv or linear with ``NUM_CLASSES`` outputs (classifier, auxiliary classifiers, the last
-    conv of each segmentation head)."""
-    import torch.nn as nn
-
-    if source == "timm":
-        return [model.get_classifier()]
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-              and getattr(m, "out_channels", getattr(m, "out_features", None)) == NUM_CLASSES]
-    if not layers:
-        raise ValueError(f"no conv or linear layer with {NUM_CLASSES} outputs in {type(model).__name__}")
-    return layers
-
-
-def _outputs(y) -> list:
-    """The tensors of a model output: a tensor, a tuple (torchvision's auxiliary logits; ``None`` entries skipped)
-    or a dict (segmentation). Local, not the core's: the torch-pruning anchor must not depend on the core."""
-    if isinstance(y, dict):
-        y = list(y.values())
-    if isinstance(y, (tuple, list)):
-        return [t for v in y for t in _outputs(v)]
-    return [] if y is None else [y]
-
-
-def _loss(y, n: int):
-    """Cross-entropy summed over the outputs: logits ``(n, classes)`` or per-pixel maps ``(n, classes, H, W)``."""
-    import torch
-    import torch.nn.functional as F
-
-    target = torch.arange(n) % NUM_CLASSES
-    return sum(F.cross_entropy(o, target.view(-1, *[1] * (o.dim() - 2)).expand(n, *o.shape[2:]))
-               for o in _outputs(y))
-
-
-def _regularized_step(model, pruner, x, lr: float = 0.01) -> None:
-    """One step of the documented loop (forward, backward, ``pruner.regularize``, SGD step) with :func:`_loss`."""
-    import torch
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    loss = _loss(model(x), x.shape[0])
-    optimizer.zero_grad()
-    loss.backward()
-    pruner.regularize(model)
-    optimizer.step()
-
-
-def _stripe_macs_share(model, layers, x, macs: float) -> Dict[str, float]:
-    """Fraction of the model's MACs in the ``layers`` (skeleton convs) with ``groups=1`` (what stripe pruning can
-    remove) and in those with a kernel larger than 1x1 (where a stripe is finer than a filter)."""
-    from swp_plugin.pruning.graph import run_with_hooks
-
-    found = {"g1": 0.0, "kxk": 0.0}
-
-    def hook(conv, inputs, output) -> None:
-        if getattr(conv, "groups", 1) == 1:
-            kh, kw = conv.kernel_size
-            m = output[0].numel() * conv.in_channels * kh * kw
-            found["g1"] += m
-            found["kxk"] += m if kh * kw > 1 else 0
-
-    run_with_hooks(model, layers, hook, x[:1])
-    return {"macs_share_g1": found["g1"] / macs, "macs_share_kxk": found["kxk"] / macs}
-
-
-def _finished(rec: dict, t_start: float) -> dict:
-    """Close the last stage's clock and record the wall time of the pipeline."""
-    _stage_times(rec)
-    rec.pop("_t", None)
-    rec["wall"] = time.perf_counter() - t_start
-    return rec
-
-
-def _stager(rec: dict, progress: Callable[[dict], None] | None) -> Callable[[str], None]:
-    """``stage(name)``: close the running stage's clock in ``rec``, start ``name``, report progress."""
-
-    def stage(s: str) -> None:
-        _stage_times(rec)
-        rec["stage"] = s
-        if progress is not None:
-            progress(rec)
-
-    return stage
-
-
-# ---------------------------------------------------------------------------------------------- SWP
-def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
-    """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
-    with the stage they happened in). ``progress(record)`` is called when each stage starts."""
-    import torch
-
-    rec: dict = {"status": "running", "stage": None}
-    t_start = time.perf_counter()
-    stage = _stager(rec, progress)
-
-    try:
-        stage("import")
-        import swp_plugin
-        from swp_plugin.testing import calibrate_bn, randomize_skeletons
-
-        stage("create")
-        model, x = _make_model(name, size, source)
-        stage("count_before")
-        macs, params = swp_plugin.count_ops_and_params(model, x[:1])
-        rec.update(macs_before=float(macs), params_before=int(params))
-        rec.update({k + "_before": v for k, v in channel_counts(model).items()})
-
-        stage("pruner")
-        t = time.perf_counter()
-        pruner = swp_plugin.StripePruner(model, x[:1], sr=1e-4, threshold=0.05,
-                                         ignored_layers=output_layers(model, source))
-        rec["t_pruner"] = time.perf_counter() - t
-        rec["skeletons"] = len(pruner.skeletons)
-        rec["skipped"] = len(pruner.skipped)
-        rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
-        modules = dict(model.named_modules())
-        rec.update(_stripe_macs_share(model, [modules[n] for n in pruner.skeletons], x, rec["macs_before"]))
-
-        stage("skeleton")
-        randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
-        stage("regularize")
-        _regularized_step(model, pruner, x)
-        stage("calibrate")
-        calibrate_bn(model, x)
-        with torch.no_grad():
-            y0 = model(x)
-
-        stage("step")
-        t = time.perf_counter()
-        try:
-            pruner.step()
-        finally:
-            rec["t_step"] = time.perf_counter() - t
-            rec["notes"] = len(getattr(pruner, "notes", []) or [])
-            rec["notes_sample"] = [str(n)[:200] for n in (getattr(pruner, "notes", []) or [])[:3]]
-            _measure_after(rec, model, x, y0)
-
-        stage("count_after")
-        macs, params = swp_plugin.count_ops_and_params(model, x[:1])
-        rec.update(macs_after=float(macs), params_after=int(params))
-        rec["stripe_convs"] = sum(isinstance(m, swp_plugin.StripeConv2d) for m in model.modules())
-
-        stage("backward")
-        model.train()
-        model.zero_grad(set_to_none=True)
-        _loss(model(x), x.shape[0]).backward()
-        params = [p for p in model.parameters() if p.requires_grad]
-        if not any(p.grad is not None for p in params):
-            raise RuntimeError("backward gave no gradient to any parameter")
-        rec["backward_ok"] = True
-        rec["params_without_grad"] = sum(p.grad is None for p in params)  # info: unused branches have none
-        rec["grads_finite"] = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
-
-        _stage_times(rec)
-        rec["stage"] = None
-        rec["status"] = "exact" if rec["rel_err"] <= TOLERANCE else "inexact"
-    except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
-        rec["status"] = "error"
-        rec.update(error_info(err))
-    return _finished(rec, t_start)
-
-
-def _measure_after(rec: dict, model, x, y0) -> None:
-    """Outputs after ``step()`` (also after a failed one: the model may have been changed), channels."""
-    import torch
-
-    from swp_plugin.testing import rel_err
-
-    try:
-        model.eval()
-        with torch.no_grad():
-            before, after = _outputs(y0), _outputs(model(x))
-        shapes = [tuple(t.shape) for t in before], [tuple(t.shape) for t in after]
-        if shapes[0] != shapes[1]:
-            raise RuntimeError(f"output shapes {shapes[0]} became {shapes[1]}")
-        rec["rel_err"] = max(rel_err(a, b) for a, b in zip(before, after))  # the worst output (dict, tuple)
-    except Exception as err:  # noqa: BLE001
-        rec["after_forward_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
-    counts = channel_counts(model)
-    rec.update({k + "_after": v for k, v in counts.items()})
-    rec["channels_removed"] = any(counts[k] < rec.get(k + "_before", counts[k]) for k in counts)
-
-
-# ---------------------------------------------------------------------------------------------- anchor
-def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
-    """torch-pruning's own channel pruner (magnitude, ratio 0.3) on a fresh model, then a forward."""
-    import torch
-    import torch_pruning as tp
-
-    rec: dict = {"status": "running", "stage": None}
-    t_start = time.perf_counter()
-    stage = _stager(rec, progress)
-
-    try:
-        stage("import")
-        try:  # only for the MAC counter (tp's, plus timm's conv / norm subclasses): same figures as SWP's
-            from swp_plugin import count_ops_and_params
-            rec["counter"] = "swp_plugin"
-        except Exception:  # noqa: BLE001 - the core may be mid-edit; the anchor must not depend on it
-            count_ops_and_params = tp.utils.count_ops_and_params
-            rec["counter"] = "torch_pruning"
-
-        stage("create")
-        model, x = _make_model(name, size, source)
-        macs, params = count_ops_and_params(model, x[:1])
-        rec.update(macs_before=float(macs), params_before=int(params))
-        with torch.no_grad():
-            shapes = [tuple(t.shape) for t in _outputs(model(x))]
-        stage("pruner")
-        t = time.perf_counter()
-        pruner = tp.pruner.BasePruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(),
-                                      pruning_ratio=0.3, ignored_layers=output_layers(model, source))
-        rec["t_pruner"] = time.perf_counter() - t
-        stage("step")
-        t = time.perf_counter()
-        pruner.step()
-        rec["t_step"] = time.perf_counter() - t
-        stage("forward")
-        with torch.no_grad():
-            after = [tuple(t.shape) for t in _outputs(model(x))]
-        if after != shapes:
-            raise RuntimeError(f"output shapes {shapes} became {after} after pruning")
-        try:  # information only (not part of the status): does the pruned model still run in train mode?
-            model.train()
-            model(x)
-            rec["train_forward"] = "ok"
-        except Exception as err:  # noqa: BLE001
-            rec["train_forward"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
-        model.eval()
-        stage("count_after")
-        macs, params = count_ops_and_params(model, x[:1])
-        rec.update(macs_after=float(macs), params_after=int(params))
-        _stage_times(rec)
-        rec["stage"] = None
-        rec["status"] = "ok"
-    except Exception as err:  # noqa: BLE001
-        rec["status"] = "error"
-        rec.update(error_info(err))
-    return _finished(rec, t_start)
-
-
-RUNNERS = {"swp": run_swp, "tp": run_tp}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -577,6 +139,14 @@ def held(lock_file: str | None):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def in_process(name: str, mode: str, size: int, timeout: float, threads: int = 1, source: str = "timm") -> dict:
+    """Run one model in this process (``--one-process``; ``timeout`` is not enforced)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return {**RUNNERS[mode](name, size, None, source), "core": core_fingerprint()}
 
 
 def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1, source: str = "timm") -> dict:
@@ -816,7 +386,7 @@ def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--source", choices=SOURCES, default="timm", help="where the models come from (default timm)")
     p.add_argument("--models", help=f"comma-separated subset (default: the source's full list, {len(MODELS)} timm / "
-                   f"{len(TORCHVISION_MODELS)} torchvision models)")
+                   f"{len(MODEL_LISTS['torchvision'])} torchvision models)")
     p.add_argument("--timeout", type=float, default=300, help="SWP wall-clock limit per model, s (default 300)")
     p.add_argument("--tp-timeout", type=float, default=120, help="torch-pruning limit per model, s (default 120)")
     p.add_argument("--size", type=int, default=96, help="input size S (default 96; per-model overrides in SIZES)")
@@ -830,6 +400,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--from-json", action="store_true", help="run nothing: render the markdown from --json again")
     p.add_argument("--lock", metavar="FILE", help="hold an exclusive lock on FILE (flock) while a model runs, so that "
                    "timing jobs of other\nprocesses that take the same lock run between models, not beside them")
+    p.add_argument("--one-process", action="store_true", help="run every model in this process, in sequence (no "
+                   "time limit): the memory-safety sweep")
     p.add_argument("--one", metavar="NAME", help="run one model in this process (used by the sweep)")
     p.add_argument("--mode", choices=sorted(RUNNERS), default="swp", help="with --one: which pipeline")
     p.add_argument("--out", help="with --one: write the record here (else print it)")
@@ -847,9 +419,7 @@ def main(argv: List[str] | None = None) -> int:
 
         unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
     else:
-        import torchvision
-
-        unknown = sorted(n for n in names if n.removesuffix(NOAUX) not in torchvision.models.list_models())
+        unknown = [n for n in names if not torchvision_models.is_model(n)]
     if unknown:
         p.error(f"not {args.source} models: {', '.join(unknown)}")
     if args.from_json:
@@ -878,12 +448,13 @@ def main(argv: List[str] | None = None) -> int:
             continue
         size = SIZE_OVERRIDES[args.source].get(name, args.size)
         rec = {"model": name, "family": models.get(name, name.split("_")[0]), "size": size}
+        run = in_process if args.one_process else run_isolated
         with held(args.lock):
-            rec["swp"] = run_isolated(name, "swp", size, args.timeout, args.threads, args.source)
+            rec["swp"] = run(name, "swp", size, args.timeout, args.threads, args.source)
             if args.skip_tp:
                 rec["tp"] = {"status": "skipped"}
             else:
-                rec["tp"] = run_isolated(name, "tp", size, args.tp_timeout, args.threads, args.source)
+                rec["tp"] = run(name, "tp", size, args.tp_timeout, args.threads, args.source)
         records.append(rec)
         _write_json(json_path, {"meta": meta, "records": records})
         s, t = rec["swp"], rec["tp"]

@@ -21,9 +21,12 @@ Stages (each trains from the previous one; ``--epochs-*`` set their cost):
      see ``swp_plugin.recipes.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
      filters first scaled back up exactly, a new optimizer after ``step()``).
 
-Prints one table (accuracy on the test set, params with stripe indexes, MACs, CPU latency measured side by
-side at the end, training epochs and seconds), saves each stage's model (``torch.save(model)``) and a
-filter-shape picture in ``--out``, and with ``--json PATH`` writes the stages as JSON.
+Prints one table (accuracy on the test set, params with stripe indexes, MACs, CPU latency of every stage
+deployed the same way (``swp_plugin.deploy``) and timed side by side at each ``--latency-batches`` size, training
+epochs and seconds). Writes to ``--out``: each stage's model in the ``swp_plugin.save`` format (``<stage>.pt``,
+rebuilt with ``swp_plugin.load(path, fresh_model)``; ``swp report <stage>.pt`` reads it), the deployed SWP model
+(``swp_deployed.pt``, deployed for batch 1), ``outputs.pt`` (a batch of test images and every saved model's
+outputs on it, to check a reload), a filter-shape picture; with ``--json PATH`` the stages as JSON.
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch.utils.data import DataLoader
 
 import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
@@ -55,10 +57,10 @@ from swp_plugin.recipes.continual import (
     load_pruned_checkpoint,
     renormalize_skeletons,
     restore_filter_norms,
+    saved_model,
     sr_for_push,
 )
-from swp_plugin.recipes.data import dataset_info, load_dataset
-from swp_plugin.recipes.training import evaluate, fit
+from swp_plugin.recipes.runner import StageRunner
 
 #: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
 #: 2 CPU cores with Fashion-MNIST; ``paper``: the paper's schedule (160 epochs, batch 64, lr 0.1 divided by
@@ -77,9 +79,6 @@ PRESETS = {
         epochs_first_finetune=160, sr="1e-5", renorm=0, push=None, threshold=0.05, epochs_swp=160, epochs_finetune=0,
     ),
 }
-
-
-DENSE_BACKEND = "swp (backend=dense)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,8 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     r.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--latency-batch", type=int, default=1)
-    r.add_argument("--latency-repeats", type=int, default=50)
+    r.add_argument("--latency-batches", default="1,64", help="batch sizes of the deployed latency (%(default)s)")
+    r.add_argument("--latency-repeats", type=int, default=50, help="rounds per batch size (fewer for slow ones)")
     r.add_argument("--out", default="runs/continual_prune", help="folder for the models and the picture")
     r.add_argument("--json", default=None, metavar="PATH", help="write the stages as JSON")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -143,6 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.augment = bool(args.augment)
+    args.latency_batches = [int(b) for b in str(args.latency_batches).split(",") if b]
     if args.push is None:
         args.push = 4.0 if args.renorm else 0.95
     if args.first not in ("slimming", "gbn", "none") and not args.first.startswith("checkpoint:"):
@@ -161,60 +161,40 @@ def _number_or_auto(name: str, value: str) -> float | None:
         raise SystemExit(f"{name} must be a number or auto, got {value!r}") from None
 
 
-class Run:
-    """The state shared by the stages: data, device, the recorded stages."""
+class Run(StageRunner):
+    """The stage runner plus the recorded stages, their models and the output folder."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args.dataset, args.data_path, subset=args.subset, test_subset=args.test_subset,
+                         batch_size=args.batch_size, augment=args.augment, download=args.download,
+                         schedule=args.schedule, weight_decay=args.weight_decay, device=args.device,
+                         workers=args.workers, example_batch=max(args.latency_batches), seed=args.seed,
+                         progress=not args.no_progress)
         self.args = args
-        self.progress = not args.no_progress
-        self.in_chans, self.num_classes = dataset_info(args.dataset)
-        subset = args.subset or None
-        self.train_set = load_dataset(args.dataset, True, args.data_path, subset=subset, download=args.download,
-                                      augment=args.augment, seed=args.seed)
-        test_set = load_dataset(args.dataset, False, args.data_path, subset=args.test_subset or None,
-                                download=args.download, seed=args.seed)
-        gen = torch.Generator().manual_seed(args.seed)
-        self.train_loader = DataLoader(self.train_set, batch_size=args.batch_size, shuffle=True, generator=gen,
-                                       num_workers=args.workers, drop_last=len(self.train_set) > args.batch_size)
-        self.test_loader = DataLoader(test_set, batch_size=256, num_workers=args.workers)
-        images = next(iter(DataLoader(test_set, batch_size=max(1, args.latency_batch))))[0]
-        self.latency_input = images  # CPU, for the latency measurement
-        self.example = images[:1].to(args.device)  # for tracing and counting
         self.stages: list[dict] = []
         self.models: dict[str, nn.Module] = {}
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        print(f"data: {args.dataset}, {len(self.train_set)} training / {len(test_set)} test images; "
-              f"device {args.device}, {torch.get_num_threads()} threads")
+        #: how swp_plugin.load / `swp report` rebuild a fresh model for the saved files (cleared for a checkpoint
+        #: of unknown architecture)
+        self.metadata = {"architecture": args.model, "num_classes": self.num_classes,
+                         "input_size": list(self.example.shape[1:]),
+                         "model_kwargs": {"width": args.width} if args.model in MODELS else {}}
+        print(self.describe(args.dataset))
 
-    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, after_backward=None, after_epoch=None,
-              after_step=None):
-        def log(epoch, loss):
-            print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss:.3f}", flush=True)
-            if after_epoch is not None:
-                after_epoch(epoch, loss)
-
-        return fit(model, self.train_loader, epochs, lr, schedule=self.args.schedule,
-                   weight_decay=self.args.weight_decay, after_backward=after_backward, after_epoch=log,
-                   after_step=after_step, device=self.args.device, desc=desc, progress=self.progress)
-
-    def accuracy(self, model: nn.Module) -> float:
-        return evaluate(model, self.test_loader, device=self.args.device, progress=self.progress)
-
-    def start(self) -> None:
-        """Mark the start of a stage's training (wall and CPU clocks)."""
-        self._wall, self._cpu = time.time(), time.process_time()
+    def train(self, model: nn.Module, epochs: int, lr: float, desc: str, **hooks):
+        return super().train(model, epochs, lr, desc, log=True, **hooks)
 
     def record(self, name: str, model: nn.Module, epochs: float, accuracy: float | None = None):
-        seconds, cpu = time.time() - self._wall, time.process_time() - self._cpu
+        seconds, cpu = self.elapsed()
         acc = self.accuracy(model) if accuracy is None else accuracy
-        macs, params = count_ops_and_params(model, self.example)
+        macs, params = self.counts(model)
         stage = {"name": name, "accuracy": acc, "params": int(params), "macs": int(macs),
                  "epochs": epochs, "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu, 1)}
         self.stages.append(stage)
         snapshot = copy.deepcopy(model).cpu().eval()
         self.models[name] = snapshot
-        torch.save(snapshot, self.out / f"{name}.pt")
+        swp_plugin.save(snapshot, self.out / f"{name}.pt", **self.metadata)
         print(f"[{name}] accuracy {acc:.2f}%, {macs / 1e6:.2f}M MACs, {params / 1e6:.4f}M params "
               f"({epochs:g} epochs, {seconds:.0f}s) -> {self.out / (name + '.pt')}", flush=True)
         return stage
@@ -224,7 +204,7 @@ def build_baseline(run: Run) -> nn.Module:
     args = run.args
     if args.baseline:
         run.start()
-        model = load_pruned_checkpoint(args.baseline, args.device)
+        model = load_checkpoint(run, args.baseline)
         run.record("baseline", model, 0)
         return model
     kwargs = {"width": args.width} if args.model in MODELS else {}
@@ -244,7 +224,7 @@ def tp_options(model: nn.Module) -> dict:
 def slimming(run: Run, model: nn.Module) -> nn.Module:
     """Network Slimming with torch-pruning: L1 on BN scales while training, global pruning, fine-tune."""
     args = run.args
-    steps = args.epochs_sparse * len(run.train_loader)
+    steps = run.steps(args.epochs_sparse)
     reg = _number_or_auto("--slim-reg", args.slim_reg)
     if reg is None:
         reg = sr_for_push(args.slim_push, args.lr, steps, args.schedule) if steps else 0.0
@@ -302,9 +282,23 @@ def _score_only(run: Run, model: nn.Module, importance: BNTaylorImportance) -> N
     model.zero_grad(set_to_none=True)
 
 
+def load_checkpoint(run: Run, path: str) -> nn.Module:
+    """A ``swp_plugin.save`` file of this example (its architecture in the metadata), or a whole pickled model; the
+    saved stages then record the architecture only when it is known."""
+    saved = saved_model(path)
+    if saved is not None:
+        model, meta = saved
+        run.metadata = {k: meta[k] for k in ("architecture", "num_classes", "input_size", "model_kwargs")}
+        return model.to(run.args.device)
+    run.metadata = {}
+    print(f"{path}: a pickled model of unknown architecture; the stage files are written with swp_plugin.save "
+          "without an architecture (load them with swp_plugin.load(path, <a fresh instance of it>))")
+    return load_pruned_checkpoint(path, run.args.device)
+
+
 def from_checkpoint(run: Run, path: str) -> nn.Module:
     run.start()
-    model = load_pruned_checkpoint(path, run.args.device)
+    model = load_checkpoint(run, path)
     try:
         with torch.no_grad():
             out = model.eval()(run.example)
@@ -319,7 +313,7 @@ def from_checkpoint(run: Run, path: str) -> nn.Module:
 
 def swp(run: Run, model: nn.Module) -> nn.Module:
     args = run.args
-    steps = args.epochs_swp * len(run.train_loader)
+    steps = run.steps(args.epochs_swp)
     sr = _number_or_auto("--sr", args.sr)
     if sr is None:
         sr = sr_for_push(args.push, args.lr, steps, args.schedule) if steps else 0.0
@@ -366,18 +360,43 @@ def swp(run: Run, model: nn.Module) -> nn.Module:
     return model
 
 
-def format_table(stages: Sequence[Mapping], title: str | None = None) -> str:
-    """The stage table: accuracy, params (M, with stripe indexes), MACs (M), latency, training cost."""
+def deployed_latency(run: Run) -> None:
+    """Every stage deployed the same way (``swp_plugin.deploy`` at this thread count, for each batch size) and
+    timed side by side; also the SWP stage as it is (eager ``StripeConv2d``). Writes ``latency_ms_batch<B>`` into
+    the stages, saves the deployed SWP model and the reload check ``outputs.pt``."""
+    args = run.args
+    probe = run.latency_input[:8]
+    outputs = {"x": probe}
+    for batch in args.latency_batches:
+        x = run.latency_input[:batch]
+        deployed = {name: swp_plugin.deploy(model, x) for name, model in run.models.items()}
+        timed = {**deployed, "swp (eager)": run.models["swp"]}
+        repeats = max(5, args.latency_repeats // (1 + batch // 16))
+        print(f"latency: batch {batch}, {repeats} rounds, {torch.get_num_threads()} threads, deployed models")
+        latency = measure_latency(timed, x, repeats=repeats, threads=args.threads or None, progress=run.progress)
+        for stage in run.stages:
+            stage[f"latency_ms_batch{batch}"] = round(latency[stage["name"]], 4)
+        run.stages[-1][f"latency_ms_batch{batch}_eager"] = round(latency["swp (eager)"], 4)
+        run.stages[-1]["deploy"] = deployed["swp"].deploy_report.summary()
+        if batch == args.latency_batches[0]:
+            swp_plugin.save(deployed["swp"], run.out / "swp_deployed.pt", **run.metadata)
+            with torch.no_grad():
+                outputs.update({name: model(probe) for name, model in run.models.items()},
+                               swp_deployed=deployed["swp"](probe))
+    torch.save(outputs, run.out / "outputs.pt")
+
+
+def format_table(stages: Sequence[Mapping], batches: Sequence[int], title: str | None = None) -> str:
+    """The stage table: accuracy, params (M, with stripe indexes), MACs (M), deployed latency per batch size,
+    training cost."""
     lines = [title] if title else []
-    lines.append(f"{'stage':<12}{'acc (%)':>9}{'params (M)':>12}{'MACs (M)':>10}{'latency (ms)':>14}"
-                 f"{'epochs':>8}{'train (s)':>11}")
+    lines.append(f"{'stage':<12}{'acc (%)':>9}{'params (M)':>12}{'MACs (M)':>10}"
+                 + "".join(f"{f'b{b} (ms)':>11}" for b in batches) + f"{'epochs':>8}{'train (s)':>11}")
     for s in stages:
-        latency = s.get("latency_ms")
-        lines.append(
-            f"{s['name']:<12}{s['accuracy']:>9.2f}{s['params'] / 1e6:>12.4f}{s['macs'] / 1e6:>10.2f}"
-            f"{(f'{latency:.3f}' if latency is not None else '-'):>14}"
-            f"{s.get('epochs', 0):>8g}{s.get('train_seconds', 0):>11.0f}"
-        )
+        cells = "".join(f"{s[f'latency_ms_batch{b}']:>11.3f}" if f"latency_ms_batch{b}" in s else f"{'-':>11}"
+                        for b in batches)
+        lines.append(f"{s['name']:<12}{s['accuracy']:>9.2f}{s['params'] / 1e6:>12.4f}{s['macs'] / 1e6:>10.2f}"
+                     f"{cells}{s.get('epochs', 0):>8g}{s.get('train_seconds', 0):>11.0f}")
     return "\n".join(lines)
 
 
@@ -410,25 +429,15 @@ def _main(args: argparse.Namespace, argv) -> dict:
             model = gbn(run, model)
     model = swp(run, model)
 
-    print(f"latency: batch {args.latency_batch}, {args.latency_repeats} rounds, {torch.get_num_threads()} threads")
-    models = dict(run.models)
-    dense = copy.deepcopy(run.models["swp"])
-    stripe_layers = [m for m in dense.modules() if isinstance(m, StripeConv2d)]
-    for layer in stripe_layers:
-        layer.backend = "dense"  # same function: stripes scattered into a dense kernel, one F.conv2d
-    if stripe_layers:
-        models[DENSE_BACKEND] = dense
-    latency = measure_latency(models, run.latency_input, repeats=args.latency_repeats,
-                              threads=args.threads or None, progress=run.progress)
-    for stage in run.stages:
-        stage["latency_ms"] = round(latency[stage["name"]], 4)
-    if stripe_layers:
-        run.stages[-1]["latency_ms_dense_backend"] = round(latency[DENSE_BACKEND], 4)
+    deployed_latency(run)
     total = time.time() - begin
     print()
-    print(format_table(run.stages, f"{args.model} on {args.dataset}, --first {args.first}, total {total:.0f}s"))
-    if stripe_layers:
-        print(f"swp latency with StripeConv2d.backend='dense' (same function): {latency[DENSE_BACKEND]:.3f} ms")
+    print(format_table(run.stages, args.latency_batches,
+                       f"{args.model} on {args.dataset}, --first {args.first}, total {total:.0f}s; latency: deployed, "
+                       f"{torch.get_num_threads()} threads"))
+    swp_stage = run.stages[-1]
+    print(f"deployed: {swp_stage['deploy']}; swp not deployed (eager StripeConv2d, backend auto): "
+          + ", ".join(f"batch {b} {swp_stage[f'latency_ms_batch{b}_eager']:.3f} ms" for b in args.latency_batches))
     result = {"stages": run.stages, "total_seconds": round(total, 1), "command": " ".join(sys.argv[1:])
               if argv is None else " ".join(argv), "args": vars(args)}
     if args.json:

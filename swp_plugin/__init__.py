@@ -3,6 +3,7 @@
     from swp_plugin import StripePruner, StripeConv2d, StripeImportance, count_ops_and_params
 """
 
+from .deployment import DeployedStripeConv2d, deploy
 from .layers import StripeConv2d
 from .measure import count_ops_and_params, report
 from .persistence import load, save
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelMask",
+    "DeployedStripeConv2d",
     "FilterSkeleton",
     "StripeConv2d",
     "StripeConvPruningFunc",
@@ -21,6 +23,7 @@ __all__ = [
     "attach_skeletons",
     "count_ops_and_params",
     "customized_pruners",
+    "deploy",
     "detach_skeletons",
     "load",
     "report",

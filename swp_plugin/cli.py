@@ -22,6 +22,7 @@ from .measure.counting import count_ops_and_params
 from .measure.plots import plot_filter_shapes, plot_stripe_ratios
 from .measure.report import report
 from .models import create_model
+from .persistence import read
 from .pruning.pruner import StripePruner
 
 
@@ -45,12 +46,14 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    checkpoint = torch.load(args.file, map_location="cpu", weights_only=True)
-    meta = checkpoint.get("metadata", {}) if isinstance(checkpoint, dict) else {}
-    if "architecture" not in meta:
-        raise ValueError(f"{args.file} has no model name in its metadata; it was not written by `swp prune`")
-    model = create_model(meta["architecture"], num_classes=meta["num_classes"], in_chans=meta["input_size"][0])
-    load(args.file, model)
+    meta = read(args.file).get("metadata", {})
+    if not meta.get("architecture"):
+        raise ValueError(f"{args.file} has no model name in its metadata; `swp report` reads files written by "
+                         "`swp prune` or examples/continual_prune.py (or swp_plugin.save(model, path, "
+                         "architecture=..., num_classes=..., input_size=[C, H, W]))")
+    model = create_model(meta["architecture"], num_classes=meta["num_classes"], in_chans=meta["input_size"][0],
+                         **meta.get("model_kwargs", {}))
+    model = load(args.file, model)
     report(model, torch.randn(1, *meta["input_size"]))
     if args.plot:
         plot_stripe_ratios(model, args.plot)

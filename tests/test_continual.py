@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from swp_plugin import StripeConv2d, StripePruner
+from swp_plugin import StripePruner
 from swp_plugin.models import resnet20, vgg16_bn
 from swp_plugin.recipes.continual import (
     BNTaylorImportance,
@@ -50,13 +52,44 @@ def _run(tmp_path: Path, *extra: str) -> dict:
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["stages"] == result["stages"]
     for stage in written["stages"]:
-        assert {"name", "accuracy", "params", "macs", "latency_ms"} <= set(stage)
-        assert 0 <= stage["accuracy"] <= 100 and stage["latency_ms"] > 0 and stage["params"] > 0
-    assert (out / "swp.pt").exists()
-    final = torch.load(out / "swp.pt", weights_only=False)
-    assert any(isinstance(m, StripeConv2d) for m in final.modules())
+        assert {"name", "accuracy", "params", "macs", "latency_ms_batch1", "latency_ms_batch64"} <= set(stage)
+        assert 0 <= stage["accuracy"] <= 100 and stage["latency_ms_batch1"] > 0 and stage["params"] > 0
+    swp = written["stages"][-1]
+    assert swp["latency_ms_batch1_eager"] > 0 and "convs on the stripe kernel" in swp["deploy"]
     assert (out / "filter_shapes.png").stat().st_size > 0
     return written
+
+
+RELOAD = """
+import sys, torch
+from pathlib import Path
+from swp_plugin import StripeConv2d
+from swp_plugin.layers.deployed import DeployedStripeConv2d
+from swp_plugin.recipes.continual import saved_model
+out = Path(sys.argv[1])
+outputs = torch.load(out / "outputs.pt")
+for name in [n for n in outputs if n != "x"]:
+    model, meta = saved_model(out / f"{name}.pt")
+    with torch.no_grad():
+        y = model.eval()(outputs["x"])
+    err = float((y - outputs[name]).abs().max() / outputs[name].abs().max())
+    assert err < 1e-5, (name, err)
+    kinds = {type(m).__name__ for m in model.modules()}
+    print(name, err, "StripeConv2d" in kinds, "DeployedStripeConv2d" in kinds)
+"""
+
+
+def _reload_in_a_fresh_process(out: Path) -> str:
+    """Every model file the example wrote loads in a new process (swp_plugin.load) and reproduces its outputs;
+    `swp report` reads each of them."""
+    result = subprocess.run([sys.executable, "-c", RELOAD, str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in sorted(out.glob("*.pt")):
+        if path.name != "outputs.pt":
+            report = subprocess.run([sys.executable, "-m", "swp_plugin", "report", str(path)], capture_output=True,
+                                    text=True, timeout=600)
+            assert report.returncode == 0 and "total" in report.stdout, report.stderr[-2000:]
+    return result.stdout
 
 
 def _names_and_macs(result: dict):
@@ -76,6 +109,9 @@ def test_channel_first_stage_then_swp(tmp_path, first):
     result = _run(tmp_path, "--first", first)
     names, macs = _names_and_macs(result)
     assert names == ["baseline", first, "swp"]
+    reloaded = _reload_in_a_fresh_process(tmp_path / "out")
+    assert set(line.split()[0] for line in reloaded.splitlines()) == {"baseline", first, "swp", "swp_deployed"}
+    assert "swp_deployed" in reloaded and reloaded.count("True") >= 2
     assert macs[0] > macs[1]  # channels removed
     _check_swp(result)
 

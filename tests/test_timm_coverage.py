@@ -1,9 +1,10 @@
-"""CI-sized slice of benchmarks/timm_coverage.py: the same per-model SWP pipeline, in-process, on fast timm CNNs
-and torchvision models (dict outputs of segmentation models, a conv classifier without BatchNorm).
+"""CI-sized slice of the coverage sweep (swp_plugin.testing.sweep, run by benchmarks/timm_coverage.py): the same
+per-model SWP pipeline, in-process, on fast timm CNNs and torchvision models (dict outputs of segmentation models, a
+conv classifier without BatchNorm); and the report of the benchmark.
 
 Random sparse skeleton (dead stripes and dead filters), one regularized step, BatchNorm calibration, ``step()``;
-the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must train (backward).
-The full sweep (76 models, each in a subprocess with a time limit): ``python benchmarks/timm_coverage.py``.
+the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must fine-tune a step.
+The full sweep (79 models, each in a subprocess with a time limit): ``python benchmarks/timm_coverage.py``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from swp_plugin.testing import sweep, torchvision_models
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py"
 _spec = importlib.util.spec_from_file_location("timm_coverage", _PATH)
@@ -47,12 +50,12 @@ def _one_thread():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_coverage_pipeline_exact(name):
-    rec = coverage.run_swp(name, size=64)
+    rec = sweep.run_swp(name, size=64)
     assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
     assert rec["skeletons"] > 0
-    assert rec["rel_err"] <= coverage.TOLERANCE
+    assert rec["rel_err"] <= sweep.TOLERANCE
     assert rec["status"] == "exact"
-    assert rec["backward_ok"]
+    assert rec["backward_ok"] and rec["grads_finite"] and rec["finetuned_finite"]
     assert rec["macs_after"] < rec["macs_before"]
 
 
@@ -63,22 +66,24 @@ TORCHVISION = ["lraspp_mobilenet_v3_large", "squeezenet1_1", "googlenet@noaux"]
 
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_coverage_pipeline_exact_torchvision(name):
-    rec = coverage.run_swp(name, size=64, source="torchvision")
+    rec = sweep.run_swp(name, size=64, source="torchvision")
     assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
-    assert rec["rel_err"] <= coverage.TOLERANCE and rec["status"] == "exact" and rec["backward_ok"]
+    assert rec["rel_err"] <= sweep.TOLERANCE and rec["status"] == "exact"
+    assert rec["backward_ok"] and rec["grads_finite"] and rec["finetuned_finite"]
     assert rec["macs_after"] < rec["macs_before"] and rec["channels_removed"]
     assert 0 < rec["macs_share_kxk"] <= rec["macs_share_g1"] <= 1
 
 
-def test_output_layers_of_a_segmentation_model_are_its_heads_last_convs():
-    model, x = coverage._make_model("lraspp_mobilenet_v3_large", 64, "torchvision")
-    assert set(coverage.output_layers(model, "torchvision")) == {model.classifier.low_classifier,
-                                                                 model.classifier.high_classifier}
+def test_output_layers_and_loss_of_a_segmentation_model():
+    model, x = sweep.make_model("lraspp_mobilenet_v3_large", 64, "torchvision")
+    assert set(sweep.output_layers(model, "torchvision")) == {model.classifier.low_classifier,
+                                                               model.classifier.high_classifier}
     with torch.no_grad():
         y = model(x)
-    assert isinstance(y, dict) and [tuple(t.shape) for t in coverage._outputs(y)] == [(4, 10, 64, 64)]
-    loss = coverage._loss(y, 4)
+    assert isinstance(y, dict) and [tuple(t.shape) for t in y.values()] == [(4, 10, 64, 64)]
+    loss = sweep.model_loss(y, 4)
     assert loss.dim() == 0 and torch.isfinite(loss)
+    assert torchvision_models.is_model("googlenet@noaux") and not torchvision_models.is_model("resnet18d")
 
 
 def test_write_section_replaces_only_its_own_section(tmp_path):

@@ -36,8 +36,10 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch.nn.modules.utils import _pair
 
+from ..utils import fastest
+from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
-from .kernels.select import fastest
+from .layout import scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, static_padding
 
 #: Conv classes whose padding is TensorFlow-like 'SAME', computed from the input size at each forward.
@@ -51,6 +53,12 @@ MAX_CHOICES = 16
 
 def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
     module._refresh()
+
+
+def _same_tensor(snapshot: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Same dtype, device, shape and values."""
+    return (snapshot.dtype == tensor.dtype and snapshot.device == tensor.device and snapshot.shape == tensor.shape
+            and bool(torch.equal(snapshot, tensor)))
 
 
 class StripeConv2d(nn.Module):
@@ -205,11 +213,9 @@ class StripeConv2d(nn.Module):
         return mask.view(self.out_channels, kh, kw)
 
     def dense_weight(self) -> torch.Tensor:
-        """Dense kernel ``(out, C_in, kh, kw)`` with pruned stripes as zeros (differentiable)."""
+        """Dense kernel ``(out, C_in, kh, kw)``, row-major, with pruned stripes as zeros (differentiable)."""
         kh, kw = self.kernel_size
-        flat = self.weight.new_zeros(self.out_channels * kh * kw, self.in_channels)
-        flat = flat.index_copy(0, self.stripe_out * kh * kw + self.stripe_pos, self.weight)
-        return flat.view(self.out_channels, kh, kw, self.in_channels).permute(0, 3, 1, 2)
+        return scatter_dense(self.weight, self.stripe_out * kh * kw + self.stripe_pos, self.out_channels, kh, kw)
 
     def select_stripes(self, keep: torch.Tensor) -> None:
         """Keep only the stripes where ``keep`` (``(S,)`` bool) is True. Order stays sorted."""
@@ -253,13 +259,19 @@ class StripeConv2d(nn.Module):
     def _refresh(self) -> None:
         """Recompute the per-position stripe counts (Python ints: the forward loop is static); forget the
         kernel plans, the cached dense kernel and the backend choices (they depend on the structure)."""
-        kh, kw = self.kernel_size
-        counts = torch.bincount(self.stripe_pos.cpu(), minlength=kh * kw)
-        self._position_counts = [int(c) for c in counts[: kh * kw]]
+        self._position_counts = position_counts(self.stripe_pos, self.kernel_size)
         self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
-        self._dense_cache: tuple | None = None
+        self._dense_cache: Tuple[torch.Tensor, torch.Tensor] | None = None
         self._selection_cache: tuple | None = None
         self.choices.clear()
+
+    def __getstate__(self) -> dict:
+        """Pickle without what this process measured or built (backend choices, plans, caches): a model saved
+        with ``torch.save(model)`` decides again where it is loaded (the kernel may not be loaded there)."""
+        state = self.__dict__.copy()
+        state.update(choices={}, _plans={}, _dense_cache=None, _selection_cache=None)
+        state.pop("_last_backend", None)
+        return state
 
     # ------------------------------------------------------------------ forward
     def _padding_ltrb(self, x: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -268,9 +280,15 @@ class StripeConv2d(nn.Module):
         return static_padding(self.padding, self.kernel_size, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = standard_layout(x)  # see layout.py: an ambiguous or channels-last input can crash PyTorch's conv
         pad = self._padding_ltrb(x)
         backend = self._resolve_backend(x, pad)
         self._last_backend = backend
+        return self._forward_with(x, pad, backend)
+
+    def _forward_with(self, x: torch.Tensor, pad: Tuple[int, int, int, int], backend: str) -> torch.Tensor:
+        if backend == "stripe" and not any(self._position_counts):  # Python ints: quiet while tracing
+            backend = "dense"  # no stripe at all: a zero kernel (same function, and gradients of zeros)
         if backend == "cpp":
             return self._cpp_forward(x, pad)
         if any(pad):
@@ -309,33 +327,23 @@ class StripeConv2d(nn.Module):
     def _tune(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
         """Micro-benchmark ``'dense'`` against the stripe kernel on ``x`` (no grad); return the faster."""
         candidate = "cpp" if self._cpp_applies(x) else "stripe"
-        saved = self._backend
-        runs = {}
-        for name in ("dense", candidate):
-            runs[name] = lambda name=name: self._run_forced(x, name)
-        try:
-            with torch.no_grad():
-                times = fastest(runs)
-        finally:
-            self._backend = saved
+        runs = {name: (lambda name=name: self._forward_with(x, pad, name)) for name in ("dense", candidate)}
+        with torch.no_grad():
+            times = fastest(runs)
         return candidate if times[candidate] < 0.95 * times["dense"] else "dense"
 
-    def _run_forced(self, x: torch.Tensor, backend: str) -> torch.Tensor:
-        self._backend = backend
-        return self.forward(x)
-
     def _dense_kernel(self) -> torch.Tensor:
-        """Dense kernel; in inference (no grad needed) cached until the weight or the structure changes."""
+        """Dense kernel; in inference cached, and reused only while the weight still equals the snapshot taken
+        with it (compared at every call: writes through ``.data``, ``.to()``, ``load_state_dict`` or an
+        optimizer step all show)."""
         weight = self.weight
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference():
             return self.dense_weight()
-        if weight.is_inference():  # e.g. a parametrized weight computed in inference mode: no version counter
-            return self.dense_weight()
-        cache = self._dense_cache  # (weight object, its version, dense kernel): a parametrized weight is a new
-        if cache is None or cache[0] is not weight or cache[1] != weight._version:  # tensor at each access
-            with torch.no_grad():
-                cache = self._dense_cache = (weight, weight._version, self.dense_weight().contiguous())
-        return cache[2]
+        cache = self._dense_cache
+        if cache is None or not _same_tensor(cache[0], weight):
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors, usable outside inference mode
+                cache = self._dense_cache = (weight.detach().clone(), self.dense_weight())
+        return cache[1]
 
     def _cpp_forward(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
         if self.padding_mode != "zeros" and any(pad):
@@ -355,41 +363,23 @@ class StripeConv2d(nn.Module):
                                           self.dilation, pad, dense_index, self.kernel_size)
 
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure PyTorch on the padded input: per kernel position one 1x1 conv of the strided, shifted window
-        with that position's stripes; the partial sums (stripe order) are concatenated and routed to their
-        output channels by a 1x1 conv with a 0/1 selection matrix (no scatter: exports to ONNX Conv/Slice/
-        Concat only, which onnxruntime runs well)."""
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        height, width = x.shape[-2:]
-        out_h = (height - dh * (kh - 1) - 1) // sh + 1
-        out_w = (width - dw * (kw - 1) - 1) // sw + 1
+        """Pure PyTorch on the padded input (:func:`.functional.stripe_conv_pytorch`)."""
         weight = self.weight  # read once: it may be parametrized (a Filter Skeleton in a second round)
-        if not any(self._position_counts):  # Python ints: no tracer warning
-            out = x.new_zeros(x.shape[0], self.out_channels, out_h, out_w)
-            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-        parts, start = [], 0
-        for pos, count in enumerate(self._position_counts):
-            if count == 0:
-                continue
-            i, j = divmod(pos, kw)
-            window = x[:, :, i * dh : i * dh + (out_h - 1) * sh + 1 : sh, j * dw : j * dw + (out_w - 1) * sw + 1 : sw]
-            parts.append(F.conv2d(window, weight[start : start + count, :, None, None]))
-            start += count
-        partial = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-        return F.conv2d(partial, self._selection(weight), self.bias)
+        return stripe_conv_pytorch(x, weight, self._selection(weight), self.bias, self._position_counts,
+                                   self.kernel_size, self.stride, self.dilation)
 
     def _selection(self, weight: torch.Tensor) -> torch.Tensor:
-        """``(out, S, 1, 1)`` 0/1: stripe ``s`` feeds output channel ``stripe_out[s]`` (cached per device/dtype;
-        built in the graph while tracing, so that every trace is the same)."""
+        """The ``(out, S, 1, 1)`` stripe-to-channel selection (structure only: cached per device/dtype, as a
+        normal tensor also when first built in inference mode; built in the graph while tracing, so that every
+        trace is the same)."""
         key = (weight.device, weight.dtype)
-        cached = getattr(self, "_selection_cache", None)
-        if cached is None or cached[0] != key or torch.jit.is_tracing():
-            sel = torch.zeros(self.out_channels, self.num_stripes, device=weight.device, dtype=weight.dtype)
-            sel[self.stripe_out, torch.arange(self.num_stripes, device=weight.device)] = 1
-            if torch.jit.is_tracing():
-                return sel[:, :, None, None]
-            cached = (key, sel[:, :, None, None])
-            self._selection_cache = cached
+        cached = self._selection_cache
+        if torch.jit.is_tracing():
+            return selection_matrix(self.stripe_out, self.out_channels, weight.dtype)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cached = self._selection_cache = (key, selection_matrix(self.stripe_out, self.out_channels,
+                                                                        weight.dtype))
         return cached[1]
 
     def extra_repr(self) -> str:

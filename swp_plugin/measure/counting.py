@@ -9,25 +9,36 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+import torch
 import torch.nn as nn
 from torch_pruning.utils import op_counter
 
+from ..layers.deployed import DeployedStripeConv2d
 from ..layers.stripe_conv import StripeConv2d
 
+#: the stripe layers: stripe weights ``(S, C_in)``, ``out_channels``, ``kernel_size``
+STRIPE_LAYERS = (StripeConv2d, DeployedStripeConv2d)
 
-def stripe_conv_macs_hook(module: StripeConv2d, inputs, output) -> None:
-    """torch-pruning counting hook: ``N * H_out * W_out * (S * C_in + out [bias])`` MACs."""
+
+def stripe_macs(module: nn.Module, output: torch.Tensor, bias: bool = False) -> int:
+    """MACs of a stripe layer for ``output`` ``(N, out, H_out, W_out)``: ``N * H_out * W_out * S * C_in`` (plus
+    ``out`` per position for the bias with ``bias=True``): the one definition every count and report uses."""
     positions = output.shape[0] * output.shape[2] * output.shape[3]
     macs = module.num_stripes * module.in_channels * positions
-    if module.bias is not None:
+    if bias and module.bias is not None:
         macs += module.out_channels * positions
-    module.__flops__ += int(macs)
+    return int(macs)
+
+
+def stripe_conv_macs_hook(module: nn.Module, inputs, output) -> None:
+    """torch-pruning counting hook of the stripe layers (bias included, as torch-pruning counts convs)."""
+    module.__flops__ += stripe_macs(module, output, bias=True)
 
 
 def _counting_hooks(model: nn.Module) -> dict:
     """Hooks for StripeConv2d and for subclasses of counted layers (timm's Conv2dSame, BatchNormAct2d,
     parametrized convs), which torch-pruning's counter looks up by exact type and would count as 0."""
-    hooks = {StripeConv2d: stripe_conv_macs_hook}
+    hooks = {cls: stripe_conv_macs_hook for cls in STRIPE_LAYERS}
     for module in model.modules():
         cls = type(module)
         if cls in op_counter.MODULES_MAPPING or cls in hooks:
@@ -42,7 +53,7 @@ def _counting_hooks(model: nn.Module) -> dict:
 def stripe_index_count(model: nn.Module) -> int:
     """Number of stripe-index entries of all ``StripeConv2d`` in ``model``: ``sum(out * kh * kw)``."""
     return sum(
-        m.out_channels * m.kernel_size[0] * m.kernel_size[1] for m in model.modules() if isinstance(m, StripeConv2d)
+        m.out_channels * m.kernel_size[0] * m.kernel_size[1] for m in model.modules() if isinstance(m, STRIPE_LAYERS)
     )
 
 

@@ -2,45 +2,39 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Dict, List, Mapping
+from functools import partial
+from typing import Callable, Dict, Mapping
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+
+from ..utils.timing import side_by_side
 
 
 @torch.inference_mode()
 def measure_latency(
-    models: Mapping[str, nn.Module],
-    example: torch.Tensor,
+    models: Mapping[str, nn.Module | Callable],
+    example,
     repeats: int = 50,
     warmup: int = 5,
     threads: int | None = None,
     progress: bool = True,
 ) -> Dict[str, float]:
-    """Median forward time in milliseconds of each model on ``example`` (CPU, eval mode).
+    """Median forward time in milliseconds of each model (eval mode) or callable on ``example``.
 
-    The models are timed side by side: each round runs every model once, in an order rotated from round to
-    round, so that load from other processes and frequency changes hit all of them alike.
+    The models are timed side by side (:func:`swp_plugin.utils.timing.side_by_side`): each round runs every model
+    once, in an order rotated from round to round, so that load from other processes and frequency changes hit
+    all of them alike. A callable (e.g. an onnxruntime session wrapped in a function) is called as it is.
     """
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        names = list(models)
         for model in models.values():
-            model.eval()
-            for _ in range(warmup):
-                model(example)
-        times: Dict[str, List[float]] = {name: [] for name in names}
-        for r in tqdm(range(repeats), desc="latency", leave=False, disable=not progress):
-            for k in range(len(names)):
-                name = names[(r + k) % len(names)]
-                start = time.perf_counter()
-                models[name](example)
-                times[name].append(time.perf_counter() - start)
-        return {name: 1000 * statistics.median(values) for name, values in times.items()}
+            if isinstance(model, nn.Module):
+                model.eval()
+        runs = {name: partial(model, example) for name, model in models.items()}
+        times = side_by_side(runs, repeats, warmup=warmup, progress=progress)
+        return {name: 1000 * t for name, t in times.items()}
     finally:
         torch.set_num_threads(previous)

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from ..layers.stripe_conv import StripeConv2d
-from ..pruning.graph import run_with_hooks
+from ..utils import run_with_hooks
+from .counting import STRIPE_LAYERS, stripe_macs
 
 
 @torch.no_grad()
@@ -20,13 +21,15 @@ def _conv_macs(model: nn.Module, example_inputs) -> Dict[str, Dict]:
     def record(module, inputs, output) -> None:
         positions = output.shape[-2] * output.shape[-1]
         kh, kw = module.kernel_size
-        if isinstance(module, StripeConv2d):
+        if isinstance(module, STRIPE_LAYERS):
             kept_filters = int(torch.unique(module.stripe_out).numel())
             kind = f"Strip({module.in_channels}, {module.num_stripes})"
-            macs = module.num_stripes * module.in_channels
-            backend = module.active_backend  # the hook runs after the forward: what it used
-            if module.backend == "auto":
-                backend = f"auto({backend})"
+            macs = stripe_macs(module, output[:1]) // positions
+            if isinstance(module, StripeConv2d):
+                backend = module.active_backend  # the hook runs after the forward: what it used
+                backend = f"auto({backend})" if module.backend == "auto" else backend
+            else:
+                backend = "deployed kernel"
         else:
             kept_filters = int(module.weight.detach().flatten(1).ne(0).any(dim=1).sum())
             kind = f"Conv({module.in_channels}, {module.out_channels}, {kh}x{kw})"
@@ -38,7 +41,7 @@ def _conv_macs(model: nn.Module, example_inputs) -> Dict[str, Dict]:
             * positions,
         }
 
-    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, StripeConv2d))]
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, *STRIPE_LAYERS))]
     run_with_hooks(model, convs, record, example_inputs)
     return facts
 

@@ -24,8 +24,8 @@ import torch_pruning as tp
 from torch_pruning import ops
 
 from ..layers.stripe_conv import StripeConv2d
+from ..utils import run_model, time_limit
 from .functions import STRIPE_CONV_PRUNER
-from .graph import run_model, time_limit
 
 #: seconds allowed to torch-pruning for building one channel group (normally milliseconds)
 GROUP_TIMEOUT = 2.0

@@ -14,7 +14,6 @@ Usage (the user's own training loop)::
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import numbers
@@ -25,18 +24,17 @@ from typing import Dict, Iterator, List, Mapping, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch_pruning as tp
-from torch.nn.utils import parametrize
 
-from ..layers.replace import replace_module
 from ..layers.stripe_conv import StripeConv2d
 from ..measure.counting import count_ops_and_params
 from ..skeleton import MASK_SAFE_CONVS, attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
 from ..skeleton.attach import probe_input, skeleton_input, skeleton_of
 from ..skeleton.parametrizations import FilterSkeleton
 from ..skeleton.standardization import unfold_standardization
+from ..utils import copy_model, flat_outputs, probe_inputs, run_model, run_with_hooks, swap_module, time_limit
 from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
-from .graph import build_graph, flat_outputs, run_model, run_with_hooks, time_limit
+from .graph import build_graph
 from .importance import StripeImportance
 from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores, unit_scores
 
@@ -59,22 +57,6 @@ def _check_number(name: str, value, minimum: float = 0.0) -> float:
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}")
     return float(value)
-
-
-def _probe_inputs(example_inputs) -> List:
-    """The example inputs and a seeded random batch of the same shapes (float tensors only)."""
-    gen = torch.Generator().manual_seed(0)
-
-    def randomize(x):
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            return torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x)
-        if isinstance(x, (tuple, list)):
-            return type(x)(randomize(v) for v in x)
-        if isinstance(x, dict):
-            return {k: randomize(v) for k, v in x.items()}
-        return x
-
-    return [example_inputs, randomize(example_inputs)]
 
 
 def _check_fraction(name: str, value, maximum: float = 0.999) -> float:
@@ -190,8 +172,7 @@ class StripePruner(tp.pruner.BasePruner):
         self.DG: tp.DependencyGraph | None = None
         self.graph_error: str | None = None
         try:
-            with time_limit(graph_timeout):
-                self.DG = build_graph(model, example_inputs, self._graph_options)
+            self.DG = build_graph(model, example_inputs, self._graph_options, graph_timeout)
         except Exception as err:  # noqa: BLE001 - any tracing failure means: no channel cleanup
             self.graph_error = _short(err)
             warnings.warn(
@@ -351,7 +332,7 @@ class StripePruner(tp.pruner.BasePruner):
         model = self.model
         was_training = model.training
         model.eval()
-        probes = _probe_inputs(self.example_inputs)
+        probes = probe_inputs(self.example_inputs)
         with torch.no_grad():
             reference = [flat_outputs(run_model(model, p)) for p in probes]
         plan, notes = self._rehearse(probes, reference)
@@ -412,7 +393,7 @@ class StripePruner(tp.pruner.BasePruner):
             return [], []
         try:
             with time_limit(self.graph_timeout):
-                graph = build_graph(trial, self.example_inputs, self._graph_options)
+                graph = build_graph(trial, self.example_inputs, self._graph_options, self.graph_timeout)
                 amax = record_input_amax(trial, probes)
                 modules = dict(trial.named_modules())
                 module_plan, notes = plan_channel_removal(graph, [modules[n] for n in self._names], amax)
@@ -441,7 +422,7 @@ class StripePruner(tp.pruner.BasePruner):
             masks = kill_masks(shapes, layers, flats, k)
             return masks if units is None else [m[u.to(torch.long).cpu()] for m, u in zip(masks, units)]
 
-        probes = _probe_inputs(self.example_inputs)
+        probes = probe_inputs(self.example_inputs)
 
         def measure(k: int) -> float:
             counts = self._rehearsed_counts(kills(k), probes)
@@ -520,7 +501,7 @@ class StripePruner(tp.pruner.BasePruner):
         try:
             if plan:
                 with time_limit(self.graph_timeout):
-                    graph = build_graph(trial, self.example_inputs, self._graph_options)
+                    graph = build_graph(trial, self.example_inputs, self._graph_options, self.graph_timeout)
                     modules = dict(trial.named_modules())
                     for name, fn, idxs in plan:
                         graph.get_pruning_group(modules[name], fn, idxs).prune()
@@ -532,7 +513,7 @@ class StripePruner(tp.pruner.BasePruner):
 
     def _merged_copy(self, kills: List[torch.Tensor] | None = None) -> nn.Module:
         """A copy of the model with ``kills`` (FS-shaped bool masks) killed and the skeletons merged."""
-        trial = _copy_model(self.model)
+        trial = copy_model(self.model)
         modules = dict(trial.named_modules())
         for name, kill in zip(self._names, kills or ()):
             alive = self._skeleton(name, modules).alive
@@ -563,7 +544,7 @@ class StripePruner(tp.pruner.BasePruner):
             else:
                 stripe = StripeConv2d.from_dense(layer)
                 if _same_function(layer, stripe):
-                    replace_module(model, layer, stripe)
+                    swap_module(model, layer, stripe)
                 else:
                     self._note(model, f"{name}: {type(layer).__name__} forward differs from a plain conv; kept dense")
 
@@ -573,8 +554,7 @@ class StripePruner(tp.pruner.BasePruner):
 
     def _graph(self, model: nn.Module, required: bool = True) -> tp.DependencyGraph | None:
         try:
-            with time_limit(self.graph_timeout):
-                return build_graph(model, self.example_inputs, self._graph_options)
+            return build_graph(model, self.example_inputs, self._graph_options, self.graph_timeout)
         except Exception:
             if required:
                 raise
@@ -635,19 +615,6 @@ def _output_positions(model: nn.Module, layers: List[nn.Module], example_inputs)
 
     run_with_hooks(model, layers, record, example_inputs)
     return [sizes.get(id(m), 0) for m in layers]
-
-
-def _copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also gives each parametrized module of the copy its own class: deepcopy shares
-    the class torch.nn.utils.parametrize creates, and removing a parametrization deletes the property from
-    that class - i.e. from the original model too."""
-    trial = copy.deepcopy(model)
-    for module in trial.modules():
-        if parametrize.is_parametrized(module):
-            cls = type(module)
-            namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
-            module.__class__ = type(cls.__name__, cls.__bases__, namespace)
-    return trial
 
 
 @torch.no_grad()

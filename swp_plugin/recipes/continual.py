@@ -14,14 +14,17 @@ The pipeline itself is ``examples/continual_prune.py``.
 from __future__ import annotations
 
 import os
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from ..layers import StripeConv2d
+from ..models import create_model
+from ..persistence import load, read
 from ..pruning import customized_pruners
+from ..pruning.graph import build_graph, norm_after
 from .training import lr_sum
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -88,13 +91,34 @@ class BNTaylorImportance(tp.importance.GroupTaylorImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
+def saved_model(path: str | os.PathLike) -> Tuple[nn.Module, Dict] | None:
+    """``(model, metadata)`` of a ``swp_plugin.save`` file whose metadata names its architecture (as
+    ``examples/continual_prune.py`` writes them: ``architecture``, ``num_classes``, ``input_size``,
+    ``model_kwargs``), rebuilt with :func:`swp_plugin.load` on a fresh model; ``None`` for any other file."""
+    try:
+        checkpoint = read(path)
+    except ValueError:
+        return None
+    meta = checkpoint.get("metadata", {})
+    if not meta.get("architecture"):
+        raise ValueError(f"{path}: a swp_plugin.save file without the architecture in its metadata; load it with "
+                         "swp_plugin.load(path, fresh_model) yourself")
+    fresh = create_model(meta["architecture"], num_classes=meta["num_classes"], in_chans=meta["input_size"][0],
+                         **meta.get("model_kwargs", {}))
+    return load(path, fresh), meta
+
+
 def load_pruned_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """A whole model saved with ``torch.save(model)`` (e.g. by DCP's or Gate Decorator's code, or by
-    ``examples/continual_prune.py``). Loaded with ``weights_only=False``: only load files you trust.
+    """An already pruned model: a ``swp_plugin.save`` file with its architecture in the metadata (safe,
+    ``weights_only``), or a whole model saved with ``torch.save(model)`` (e.g. by DCP's or Gate Decorator's
+    code), which is loaded with ``weights_only=False``: only load files you trust.
 
     A dict holding the model under ``model`` / ``net`` / ``module`` is accepted; a bare ``state_dict`` is
     not (a pruned network's architecture is not in its state dict).
     """
+    saved = saved_model(path)
+    if saved is not None:
+        return saved[0].to(device)
     obj = torch.load(os.fspath(path), map_location=device, weights_only=False)
     if isinstance(obj, dict):
         modules = [obj[k] for k in ("model", "net", "module") if isinstance(obj.get(k), nn.Module)]
@@ -142,18 +166,10 @@ def filter_norm_rms(model: nn.Module) -> Dict[str, float]:
 
 def feeding_batchnorms(model: nn.Module, example_inputs) -> Dict[str, nn.Module]:
     """Qualified name of each conv / ``StripeConv2d`` whose output goes only into a BatchNorm (with running
-    statistics) -> that BatchNorm, found in torch-pruning's DependencyGraph."""
-    with torch.enable_grad():  # DependencyGraph traces with autograd
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs, customized_pruners=customized_pruners())
+    statistics) -> that BatchNorm (:func:`swp_plugin.pruning.graph.norm_after` on torch-pruning's DependencyGraph)."""
+    graph = build_graph(model, example_inputs, {"customized_pruners": customized_pruners()})
     names = {m: n for n, m in model.named_modules()}
-    pairs: Dict[str, nn.Module] = {}
-    for layer, node in graph.module2node.items():
-        if not isinstance(layer, (nn.Conv2d, StripeConv2d)) or layer not in names or len(node.outputs) != 1:
-            continue
-        bn = node.outputs[0].module
-        if isinstance(bn, _BN) and bn.track_running_stats and bn.running_var is not None:
-            pairs[names[layer]] = bn
-    return pairs
+    return {names[layer]: bn for layer, bn in norm_after(graph).items() if layer in names}
 
 
 @torch.no_grad()

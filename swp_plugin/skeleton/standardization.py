@@ -19,7 +19,7 @@ from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv
 from timm.layers.conv2d_same import Conv2dSame
 from torch.nn.utils import parametrize
 
-from ..layers.replace import replace_module
+from ..utils import swap_module
 
 
 class WeightStandardization(nn.Module):
@@ -100,6 +100,6 @@ def unfold_standardization(model: nn.Module, ignored: Iterable[nn.Module] = ()) 
         seen.add(id(module))
         plain = _plain_conv(module)
         parametrize.register_parametrization(plain, "weight", make(module))
-        replace_module(model, module, plain)
+        swap_module(model, module, plain)
         replaced.append((name, type(module).__name__))
     return replaced

@@ -1,8 +1,5 @@
-"""Fast stripe-convolution kernels and the backend micro-benchmark of ``StripeConv2d``.
+"""The compiled CPU stripe kernel: ``build`` (safe build and load), ``cpu`` (plan, autograd wrapper)."""
 
-``cpu``: the compiled CPU kernel (built at first use, optional); ``select``: the side-by-side timer.
-"""
+from . import build, cpu
 
-from . import cpu, select
-
-__all__ = ["cpu", "select"]
+__all__ = ["build", "cpu"]

@@ -1,0 +1,7 @@
+"""Deployment: the pruned model fixed for fast inference (BatchNorm folded, per-layer implementation measured,
+ReLU / residual adds fused into the stripe kernel), and its ONNX export."""
+
+from ..layers.deployed import DeployedStripeConv2d
+from .pipeline import DeployReport, deploy, jit_load
+
+__all__ = ["DeployReport", "DeployedStripeConv2d", "deploy", "jit_load"]

@@ -1,0 +1,228 @@
+"""``deploy(model, example_inputs)``: a pruned (or plain) model fixed for fast CPU inference, same function.
+
+The last phase of the lifecycle (attach -> train -> merge -> remove channels -> convert -> **deploy**), in the
+spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model is not changed.
+
+1. The model is traced with ``torch.fx`` (:mod:`.graph`); BatchNorms are folded into the convolution before
+   them. Models ``torch.fx`` cannot trace keep their structure, and their ``conv -> BatchNorm`` pairs are found
+   in torch-pruning's DependencyGraph instead (no epilogue fusion then).
+2. For each ``StripeConv2d`` (and, with ``dense_convs=True``, each plain ``groups=1`` convolution) the
+   implementation is measured once on the layer's input for the example's shape and this thread count: the
+   compiled stripe kernel (:class:`.DeployedStripeConv2d`) or PyTorch's dense convolution (``nn.Conv2d``).
+   The kernel must win by :data:`MARGIN`.
+3. ReLUs and residual adds after a kernel layer move into its epilogue.
+4. The deployed model's outputs are compared with the original's on the example and on a random batch of the
+   same shape (``max|diff|/max|y| <= tolerance``), as ``StripePruner.step()`` does; a mismatch raises.
+
+``deployed.deploy_report`` says what was folded, chosen (with the times) and fused.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.utils import parametrize
+
+from ..layers.deployed import DeployedStripeConv2d
+from ..layers.kernels import cpu as cpu_kernel
+from ..layers.stripe_conv import DYNAMIC_SAME_CONVS, StripeConv2d
+from ..persistence import describe
+from ..pruning.graph import build_graph, norm_after
+from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
+from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
+
+#: the kernel replaces PyTorch's dense convolution only if it is at least this much faster
+MARGIN = 0.97
+#: default ``max|diff| / max|y|`` of the final check, by dtype
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+@dataclass
+class DeployReport:
+    """What :func:`deploy` did: ``folded`` (conv, norm) pairs, per-layer ``choices`` (name, implementation,
+    times in ms), ``fused`` epilogues, ``threads``, ``traced`` (torch.fx) and ``notes``."""
+
+    threads: int
+    traced: bool = False
+    folded: List[tuple] = field(default_factory=list)
+    choices: List[Dict] = field(default_factory=list)
+    fused: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        kernel = sum(c["impl"] == "kernel" for c in self.choices)
+        return (f"{len(self.folded)} BatchNorms folded, {kernel}/{len(self.choices)} convs on the stripe kernel, "
+                f"{len(self.fused)} epilogues fused ({self.threads} threads"
+                f"{', torch.fx' if self.traced else ', no torch.fx trace'})")
+
+
+def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_convs: bool = True,
+           fuse: bool = True, verify: bool = True, tolerance: float | None = None,
+           choices: Dict[str, str] | None = None) -> nn.Module:
+    """Return a copy of ``model`` fixed for inference on this machine (see the module docstring).
+
+    Args:
+        model: a model after ``StripePruner.step()`` (or any CNN); Filter Skeletons must not be attached.
+        example_inputs: a batch of the shape inference will see (tensor, tuple of args or dict of kwargs).
+        threads: torch threads the choice is made for (default: the current setting).
+        dense_convs: also consider the stripe kernel for plain ``groups=1`` convolutions (all stripes kept).
+        fuse: fold BatchNorms and fuse ReLU / residual adds into kernel layers.
+        verify: compare outputs with ``model``'s; ``tolerance`` defaults to 1e-4 (float32).
+        choices: layer name -> ``'kernel'`` / ``'dense'`` instead of measuring (``swp_plugin.load`` replays the
+            choices recorded in a saved deployed model this way).
+    """
+    _check_deployable(model)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices) -> nn.Module:
+    report = DeployReport(threads=torch.get_num_threads())
+    source = {"structure": describe(model), "dense_convs": dense_convs, "fuse": fuse,
+              "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+              "example": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in _as_args(example_inputs)]}
+    was_training = model.training
+    probes = probe_inputs(example_inputs)
+    with torch.no_grad():
+        reference = [flat_outputs(run_model(model.eval(), p)) for p in probes]
+    model.train(was_training)
+    deployed: nn.Module = copy.deepcopy(model).eval()
+    try:
+        deployed = trace(deployed)
+        report.traced = True
+    except Exception as err:  # noqa: BLE001 - any tracing failure: deploy the module tree as it is
+        report.notes.append(f"torch.fx could not trace the model ({type(err).__name__}: {str(err)[:160]}); "
+                            "BatchNorms folded through the DependencyGraph, no epilogue fusion")
+    if fuse:
+        report.folded = (fold_batchnorms(deployed) if report.traced
+                         else _fold_without_trace(deployed, example_inputs))
+    _choose_implementations(deployed, example_inputs, dense_convs, report, choices)
+    if fuse and report.traced and any(c["impl"] == "kernel" for c in report.choices):
+        with torch.no_grad():
+            ShapeProp(deployed).propagate(*_as_args(example_inputs))
+        report.fused = fuse_epilogues(deployed)
+    if verify:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        _verify(deployed, probes, reference, tolerance or TOLERANCE.get(dtype, 1e-2))
+    deployed.deploy_report = report
+    deployed.deploy_source = {**source, "choices": {c["layer"]: c["impl"] for c in report.choices}}
+    return deployed
+
+
+def jit_load(path, map_location=None) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a scripted or traced deployed model: loads the compiled stripe kernel first (its op
+    must be registered before TorchScript can resolve it); raises ``RuntimeError`` saying why if it cannot."""
+    if not cpu_kernel.available():
+        raise RuntimeError(f"the compiled stripe kernel is unavailable here ({cpu_kernel.build_error()}); a "
+                           "scripted deployed model needs it. Load the swp_plugin.save file instead (it falls back "
+                           "to PyTorch ops) or fix the build")
+    return torch.jit.load(path, map_location=map_location)
+
+
+def _check_deployable(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise ValueError(f"'{name or type(model).__name__}' still has parametrizations (Filter Skeletons or "
+                             "channel masks?): call pruner.step() (or swp_plugin.detach_skeletons) before deploy()")
+
+
+def _as_args(example_inputs) -> tuple:
+    if isinstance(example_inputs, dict):
+        raise ValueError("deploy() with keyword example inputs: pass them as a tuple of positional args")
+    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+
+
+def _fold_without_trace(model: nn.Module, example_inputs) -> List[tuple]:
+    """``conv -> BatchNorm`` pairs from torch-pruning's DependencyGraph; each BatchNorm becomes an Identity."""
+    try:
+        graph = build_graph(model, example_inputs, {}, timeout=120)
+    except Exception:  # noqa: BLE001 - no graph: nothing is folded
+        return []
+    names = {m: n for n, m in model.named_modules()}
+    folded = []
+    for conv, bn in norm_after(graph).items():
+        if type(conv) in FOLDABLE and foldable_norm(bn) and type(bn) in (nn.BatchNorm2d,):
+            fold_into(conv, bn)
+            swap_module(model, bn, nn.Identity())
+            folded.append((names[conv], names[bn]))
+    return folded
+
+
+def _candidates(model: nn.Module, dense_convs: bool) -> Dict[str, nn.Module]:
+    found = {}
+    for name, m in model.named_modules():
+        if isinstance(m, StripeConv2d) or (dense_convs and type(m) in (nn.Conv2d, *DYNAMIC_SAME_CONVS)
+                                           and m.groups == 1):
+            found[name] = m
+    return found
+
+
+@torch.no_grad()  # not inference mode: the modules made here must be plain tensors
+def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool, report: DeployReport,
+                            given: Dict[str, str] | None) -> None:
+    layers = _candidates(model, dense_convs)
+    inputs: Dict[str, torch.Tensor] = {}
+    def keep(name: str):
+        def hook(module, args, output) -> None:  # returns None: the output stays
+            inputs.setdefault(name, args[0])
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    try:
+        run_model(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    kernel_ok = cpu_kernel.available()
+    for name, layer in layers.items():
+        x = inputs.get(name)
+        stripe = layer if isinstance(layer, StripeConv2d) else StripeConv2d.from_dense(layer)
+        dense = layer.to_dense() if isinstance(layer, StripeConv2d) else layer
+        if x is None or not kernel_ok or x.dtype != torch.float32 or x.device.type != "cpu":
+            why = "not run" if x is None else "no kernel" if not kernel_ok else f"{x.dtype} on {x.device.type}"
+            _swap(model, name, dense)
+            report.choices.append({"layer": name, "impl": "dense", "why": why})
+            continue
+        candidate = DeployedStripeConv2d.from_stripe(stripe)
+        choice = {"layer": name, "stripes": stripe.num_stripes,
+                  "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]}
+        if given is not None:
+            choice["impl"] = given.get(name, "dense")
+        else:
+            times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
+            choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
+                          dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
+        _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
+        report.choices.append(choice)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    old = model.get_submodule(name)
+    if new is not old:
+        swap_module(model, old, new)
+
+
+@torch.no_grad()
+def _verify(deployed: nn.Module, probes, reference, tolerance: float) -> None:
+    for ref, probe in zip(reference, probes):
+        out = flat_outputs(run_model(deployed, probe))
+        for r, o in zip(ref, out):
+            if r.shape != o.shape:
+                raise RuntimeError(f"deploy() changed an output's shape {tuple(r.shape)} -> {tuple(o.shape)}")
+            err = float((r - o).abs().max()) / (float(r.abs().max()) or 1.0)
+            if not err <= tolerance:
+                raise RuntimeError(f"deploy() changed the model's outputs (max|diff|/max|y| = {err:.3g} > "
+                                   f"{tolerance:g}); please report the model. deploy(..., fuse=False) may avoid it.")
+
+

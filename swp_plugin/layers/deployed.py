@@ -1,0 +1,179 @@
+"""``DeployedStripeConv2d``: a stripe convolution frozen for inference on the compiled CPU kernel.
+
+What a :class:`~swp_plugin.StripeConv2d` decides at each call is fixed once here: the kernel's plan (stripe order,
+phases, per-channel stripe lists) is a set of buffers, a BatchNorm that followed the conv is folded into the
+weights and bias, and a ReLU and/or a residual add that followed it run in the kernel's epilogue:
+``y = act(conv(x) + bias + residual)``. The forward is one call of the registered op ``swp_stripe::forward``, so
+the layer scripts (``torch.jit.script``), traces and compiles with no Python between layers.
+
+The layer owns its derived form (the weights *are* the folded stripes): there is no cache to go stale. Where
+the kernel cannot run (not built on this machine, a non-float32 or non-CPU input) it computes the same function
+with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_form``: ``'dense'`` or
+``'stripe'``, see :mod:`swp_plugin.deployment.onnx`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import register_notrace_module
+
+from .functional import position_counts, selection_matrix, stripe_conv_pytorch
+from .kernels import cpu as cpu_kernel
+from .layout import scatter_dense
+from .padding import static_padding
+from .stripe_conv import StripeConv2d
+
+ACTIVATIONS = ("none", "relu")
+_warned: List[bool] = [False]
+
+
+@register_notrace_module
+class DeployedStripeConv2d(nn.Module):
+    """Inference-only stripe convolution on the compiled kernel, with a fused epilogue.
+
+    Build it with :meth:`from_stripe` (usually through :func:`swp_plugin.deploy`).
+
+    Shapes: ``x`` ``(N, C_in, H, W)``, ``residual`` ``(N, out, H_out, W_out)`` or ``None`` ->
+    ``(N, out, H_out, W_out)``. Parameters (``requires_grad=False``): ``weight`` ``(S, C_in)`` (stripes sorted by
+    kernel position, then output channel, as in ``StripeConv2d``), ``bias`` ``(out,)``; buffers: ``stripe_out``,
+    ``stripe_pos``, and the kernel plan ``rows``, ``phase_info``, ``ptr``, ``entries``.
+    """
+
+    def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
+                 residual: bool = False) -> None:
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        self.in_channels, self.out_channels = layer.in_channels, layer.out_channels
+        self.kernel_size, self.stride, self.dilation = layer.kernel_size, layer.stride, layer.dilation
+        self.padding_mode, self.same_dynamic = layer.padding_mode, layer.same_dynamic
+        self.act, self.residual = act, residual
+        self.act_code = ACTIVATIONS.index(act)
+        # zero static padding is the kernel's range clip; other padding is applied with F.pad first
+        pad = (0, 0, 0, 0) if layer.same_dynamic else static_padding(layer.padding, layer.kernel_size,
+                                                                       layer.dilation)
+        self.kernel_pads = layer.padding_mode == "zeros" and not layer.same_dynamic
+        self.pad: Tuple[int, int, int, int] = pad
+        weight = layer.weight.detach().float().contiguous()
+        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
+        bias = layer.bias if bias is None else bias
+        self.bias = nn.Parameter((torch.zeros(self.out_channels) if bias is None else bias.detach().float()).clone(),
+                                 requires_grad=False)
+        self.register_buffer("stripe_out", layer.stripe_out.clone())
+        self.register_buffer("stripe_pos", layer.stripe_pos.clone())
+        top, left = (pad[2], pad[0]) if self.kernel_pads else (0, 0)
+        plan = cpu_kernel.make_plan(layer.stripe_out, layer.stripe_pos, self.out_channels, self.kernel_size,
+                                    self.stride, self.dilation, top, left)
+        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
+        self.register_buffer("rows", plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long))
+        self.register_buffer("phase_info", plan.phase_info)
+        self.register_buffer("ptr", plan.ptr)
+        self.register_buffer("entries", plan.entries)
+        self.tile = cpu_kernel.tile_pixels(weight.shape[0], weight.shape[1])
+        self.counts = position_counts(layer.stripe_pos, layer.kernel_size)
+        self.onnx_form = "dense"
+
+    @classmethod
+    def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:
+        """The deployed form of ``layer`` (its current weights and bias)."""
+        return cls(layer, act=act, residual=residual)
+
+    # ------------------------------------------------------------------ forward
+    def _padded(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int]:
+        """``x`` padded as far as the kernel does not pad itself, and the zero padding left to the kernel."""
+        left, right, top, bottom = self.pad
+        if self.same_dynamic:
+            pad_h = _same_pad(int(x.shape[2]), self.kernel_size[0], self.stride[0], self.dilation[0])
+            pad_w = _same_pad(int(x.shape[3]), self.kernel_size[1], self.stride[1], self.dilation[1])
+            if pad_h + pad_w > 0:
+                x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+            return x, 0, 0, 0, 0
+        if not self.kernel_pads and left + right + top + bottom > 0:
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            return F.pad(x, [left, right, top, bottom], mode=mode), 0, 0, 0, 0
+        return x, left, right, top, bottom
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self._pytorch_only(x):
+                return self._pytorch_forward(x, residual)
+        x, left, right, top, bottom = self._padded(x.contiguous())
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
+        rows = self.rows if self.reorder else None
+        return torch.ops.swp_stripe.forward(x, self.weight, rows, self.phase_info, self.ptr, self.entries, self.bias,
+                                            residual, out_h, out_w, sh, sw, self.tile, self.act_code)
+
+    @torch.jit.unused
+    def _pytorch_only(self, x: torch.Tensor) -> bool:
+        if torch.onnx.is_in_onnx_export():
+            return True
+        if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available():
+            return False
+        if not _warned[0]:
+            _warned[0] = True
+            warnings.warn("DeployedStripeConv2d: the compiled kernel cannot run here "
+                          f"({cpu_kernel.build_error() or f'{x.dtype} on {x.device.type}'}); computing the same "
+                          "function with PyTorch ops (slower)", RuntimeWarning, stacklevel=3)
+        return True
+
+    @torch.jit.unused
+    def _pytorch_forward(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The same function in PyTorch ops: ``onnx_form`` ``'dense'`` (one conv with the pruned stripes as zeros)
+        or ``'stripe'`` (:func:`~swp_plugin.layers.functional.stripe_conv_pytorch`)."""
+        x, left, right, top, bottom = self._padded(x)
+        if left + right + top + bottom > 0:
+            x = F.pad(x, [left, right, top, bottom])
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if self.onnx_form == "stripe" and self.weight.shape[0] > 0:
+            y = stripe_conv_pytorch(x, weight, selection_matrix(self.stripe_out, self.out_channels, x.dtype), bias,
+                                    self.counts, self.kernel_size, self.stride, self.dilation)
+        else:
+            kh, kw = self.kernel_size
+            dense = scatter_dense(weight, self.stripe_out * kh * kw + self.stripe_pos, self.out_channels, kh, kw)
+            y = F.conv2d(x, dense, bias, self.stride, 0, self.dilation)
+        if residual is not None:
+            y = y + residual
+        return torch.relu(y) if self.act == "relu" else y
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def num_stripes(self) -> int:
+        return self.weight.shape[0]
+
+    def to_stripe(self) -> StripeConv2d:
+        """The equivalent ``StripeConv2d`` (without the epilogue: act and residual are not part of it)."""
+        layer = StripeConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, 0, self.dilation,
+                             True, self.padding_mode, self.num_stripes, self.same_dynamic)
+        layer.padding = _padding_spec(self.pad)
+        with torch.no_grad():
+            layer.weight.copy_(self.weight)
+            layer.bias.copy_(self.bias)
+        layer.stripe_out, layer.stripe_pos = self.stripe_out.clone(), self.stripe_pos.clone()
+        layer._refresh()
+        return layer
+
+    def extra_repr(self) -> str:
+        epilogue = "+".join(["bias"] + (["residual"] if self.residual else []) + ([self.act] if self.act != "none"
+                                                                                  else []))
+        return (f"Strip({self.in_channels}, {self.num_stripes}), out_channels={self.out_channels}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}"
+                f"{', padding=same_dynamic' if self.same_dynamic else ''}, epilogue={epilogue}")
+
+
+def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """TensorFlow 'SAME' total padding of one dimension (timm's ``get_same_padding``), scriptable."""
+    return max((-(size // -stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+
+
+def _padding_spec(pad: Tuple[int, int, int, int]):
+    left, right, top, bottom = pad
+    if left == right and top == bottom:
+        return (top, left)
+    return "same"  # the only asymmetric static padding nn.Conv2d has

@@ -1,0 +1,19 @@
+"""Test tooling shipped with the plug-in (used by the tests, the benchmarks and the sanitizer run).
+
+* :mod:`.exactness`: random sparse skeletons, one regularized step, BatchNorm calibration, relative error;
+* :mod:`.fuzz`: ``python -m swp_plugin.testing.fuzz``, random ``StripeConv2d`` layers against the masked dense
+  convolution, every backend, forward and gradients, in one process;
+* :mod:`.sweep`: ``python -m swp_plugin.testing.sweep``, many models pruned and fine-tuned a step in one process.
+"""
+
+from .exactness import (
+    calibrate_bn,
+    outputs_around_step,
+    random_stripe_model,
+    randomize_skeletons,
+    regularized_step,
+    rel_err,
+)
+
+__all__ = ["calibrate_bn", "outputs_around_step", "random_stripe_model", "randomize_skeletons", "regularized_step",
+           "rel_err"]

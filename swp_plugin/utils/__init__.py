@@ -1,0 +1,8 @@
+"""Low-level helpers shared by every subpackage (they import nothing else of swp_plugin)."""
+
+from .modules import copy_model, flat_outputs, probe_inputs, run_model, run_with_hooks, swap_module
+from .timeout import time_limit
+from .timing import fastest
+
+__all__ = ["copy_model", "fastest", "flat_outputs", "probe_inputs", "run_model", "run_with_hooks", "swap_module",
+           "time_limit"]

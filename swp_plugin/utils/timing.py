@@ -1,0 +1,42 @@
+"""Side-by-side timing of alternatives: the one timing loop of the project (the auto backend of ``StripeConv2d``,
+deployment's per-layer choice, ``swp_plugin.measure.measure_latency``, the benchmarks)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List
+
+
+def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1, stat: str = "median",
+                 budget_s: float | None = None, progress: bool = False) -> Dict[str, float]:
+    """Wall time (seconds) of each zero-argument callable: ``warmup`` untimed calls each (caches, plans, lazy
+    builds), then ``rounds`` rounds in which every callable runs once, in an order rotated from round to round
+    so that load from elsewhere and frequency changes hit all alike. ``stat``: ``'median'`` or ``'min'`` of the
+    rounds. With ``budget_s``, stops after that many seconds of timed rounds (at least two rounds)."""
+    names = list(runs)
+    for name in names:
+        for _ in range(warmup):
+            runs[name]()
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    iterator = range(rounds)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="latency", leave=False)
+    for r in iterator:
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+        if budget_s is not None and r >= 1 and time.perf_counter() - start > budget_s:
+            break
+    reduce = min if stat == "min" else statistics.median
+    return {name: reduce(values) for name, values in times.items()}
+
+
+def fastest(runs: Dict[str, Callable[[], object]], rounds: int = 5, budget_s: float = 0.5) -> Dict[str, float]:
+    """Best-of-``rounds`` wall time (seconds) of each callable, timed side by side (a quick choice)."""
+    return side_by_side(runs, rounds, warmup=1, stat="min", budget_s=budget_s)

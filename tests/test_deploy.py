@@ -1,0 +1,161 @@
+"""swp_plugin.deploy: same function after deployment (BatchNorm folded, per-layer implementation, fused epilogues),
+on the paper's nets and timm nets; scripting; fallbacks; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+from swp_plugin import StripeConv2d, StripePruner
+from swp_plugin.deployment import DeployedStripeConv2d, deploy
+from swp_plugin.layers.kernels import cpu as cpu_kernel
+from swp_plugin.models import resnet56, vgg16_bn
+from swp_plugin.testing import calibrate_bn, random_stripe_model, randomize_skeletons, rel_err
+
+needs_cpp = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no compiled kernel: {cpu_kernel.build_error()}")
+
+
+def _pruned(model: nn.Module, x: torch.Tensor, dead_filters: float = 0.2) -> nn.Module:
+    """Stripe-pruned with dead stripes and dead filters (channels removed), BatchNorm statistics calibrated."""
+    head = model.get_classifier()
+    pruner = StripePruner(model, x[:1], ignored_layers=[head] if head is not None else [])
+    randomize_skeletons(pruner, dead_stripes=0.6, dead_filters=dead_filters)
+    calibrate_bn(model, x)
+    pruner.step()
+    calibrate_bn(model, x)
+    return model.eval()
+
+
+def _check(model: nn.Module, x: torch.Tensor, **kwargs) -> nn.Module:
+    deployed = deploy(model, x[:1], **kwargs)
+    with torch.no_grad():
+        assert rel_err(model(x), deployed(x)) < 1e-4
+    return deployed
+
+
+@needs_cpp
+@pytest.mark.parametrize("net", ["vgg16_bn", "resnet56"])
+def test_paper_nets_fold_fuse_and_match(net):
+    torch.manual_seed(0)
+    model = (vgg16_bn if net == "vgg16_bn" else resnet56)(width=0.5)
+    x = torch.randn(6, 3, 32, 32)
+    model = _pruned(model, x)
+    deployed = _check(model, x)
+    report = deployed.deploy_report
+    assert report.traced and len(report.folded) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    kernel = [m for m in deployed.modules() if isinstance(m, DeployedStripeConv2d)]
+    assert len(kernel) == sum(c["impl"] == "kernel" for c in report.choices) > 0
+    assert any(m.act == "relu" for m in kernel)
+    if net == "resnet56":  # conv2 -> bn2 -> add(shortcut) -> relu runs in the epilogue
+        assert any(m.residual and m.act == "relu" for m in kernel)
+    assert model.training is False and any(isinstance(m, StripeConv2d) for m in model.modules())  # input untouched
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "efficientnet_b0", "tf_efficientnet_b0",
+                                  "densenet121", "regnetx_002"])
+def test_timm_nets_match_after_deploy(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10)
+    x = torch.randn(3, 3, 64, 64)
+    _check(_pruned(model, x, dead_filters=0.1), x)
+
+
+@needs_cpp
+def test_every_layer_forced_onto_the_kernel_and_onto_dense(monkeypatch):
+    """Both implementations are exact whatever the timing says (epilogues included)."""
+    import swp_plugin.deployment.pipeline as deployment
+
+    torch.manual_seed(0)
+    model = _pruned(resnet56(width=0.5), torch.randn(4, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    for winner in ("kernel", "dense"):
+        monkeypatch.setattr(deployment, "fastest", lambda runs, w=winner: {k: float(k != w) for k in runs})
+        deployed = _check(model, x)
+        assert {c["impl"] for c in deployed.deploy_report.choices} == {winner}
+
+
+@needs_cpp
+def test_scripted_and_traced_deployed_model():
+    torch.manual_seed(0)
+    model = random_stripe_model(resnet56(width=0.5).eval(), 0.3)
+    calibrate_bn(model, torch.randn(4, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    deployed = deploy(model, x)
+    with torch.no_grad():
+        y = deployed(x)
+        scripted = torch.jit.freeze(torch.jit.script(deployed.eval()))
+        traced = torch.jit.trace(deployed, x)
+        assert rel_err(y, scripted(x)) < 1e-6 and rel_err(y, traced(x)) < 1e-6
+        assert "swp_stripe::forward" in str(scripted.graph)
+        compiled = torch.compile(deployed, backend="eager", fullgraph=True)
+        assert rel_err(y, compiled(x)) < 1e-6
+
+
+@needs_cpp
+def test_plain_model_gets_the_same_folding():
+    torch.manual_seed(0)
+    model = vgg16_bn(width=0.25).eval()
+    x = torch.randn(4, 3, 32, 32)
+    calibrate_bn(model, x)
+    deployed = _check(model, x)
+    assert len(deployed.deploy_report.folded) == 13
+    assert _check(model, x, dense_convs=False).deploy_report.choices == []
+
+
+def test_untraceable_model_falls_back_to_the_module_tree():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.bn = nn.BatchNorm2d(8)
+            self.head = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.bn(self.conv(x))
+            if float(y.mean()) > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return y
+            return self.head(torch.relu(y))
+
+    torch.manual_seed(0)
+    model = Branchy()
+    x = torch.randn(4, 3, 16, 16)
+    calibrate_bn(model, x)
+    deployed = _check(model, x)
+    report = deployed.deploy_report
+    assert not report.traced and report.folded == [("conv", "bn")] and "torch.fx" in report.notes[0]
+    assert isinstance(deployed.bn, nn.Identity)
+
+
+def test_attached_skeletons_are_refused():
+    model = resnet56(width=0.25)
+    StripePruner(model, torch.randn(1, 3, 32, 32), ignored_layers=[model.fc])
+    with pytest.raises(ValueError, match="pruner.step"):
+        deploy(model, torch.randn(1, 3, 32, 32))
+
+
+@needs_cpp
+def test_deployed_layer_falls_back_to_pytorch_where_the_kernel_cannot_run(monkeypatch):
+    import swp_plugin.layers.deployed as layer_module
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    mask = torch.rand(16, 3, 3) < 0.4
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act="relu", residual=True)
+    x, res = torch.randn(2, 8, 15, 13), torch.randn(2, 16, 8, 7)
+    want = torch.relu(conv(x) + res)
+    with torch.no_grad():
+        assert rel_err(want, layer(x, res)) < 1e-5
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+        monkeypatch.setattr(layer_module, "_warned", [False])
+        with pytest.warns(RuntimeWarning, match="computing the same function with PyTorch"):
+            got = layer(x, res)
+        assert rel_err(want, got) < 1e-5
+        for form in ("dense", "stripe"):
+            layer.onnx_form = form
+            assert rel_err(want, layer._pytorch_forward(x, res)) < 1e-5
