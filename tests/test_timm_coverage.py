@@ -86,6 +86,20 @@ def test_output_layers_and_loss_of_a_segmentation_model():
     assert torchvision_models.is_model("googlenet@noaux") and not torchvision_models.is_model("resnet18d")
 
 
+def test_failed_record_keeps_its_stage():
+    rec = {"status": "running", "stage": None}
+    stage = sweep.Stages(rec, None)
+    stage("create")
+    stage("finetune")
+    rec["status"] = "error"
+    assert stage.close()["stage"] == "finetune" and set(rec["stage_s"]) == {"create", "finetune"}
+    done = {"status": "running", "stage": None}
+    stage = sweep.Stages(done, None)
+    stage("create")
+    stage(None)
+    assert stage.close()["stage"] is None
+
+
 def test_write_section_replaces_only_its_own_section(tmp_path):
     md = tmp_path / "coverage.md"
     coverage.write_section(md, "timm", "# timm\nold")

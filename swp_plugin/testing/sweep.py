@@ -230,7 +230,9 @@ class Stages:
             self.progress(self.rec)
 
     def close(self) -> dict:
+        failed = self.rec.get("stage")  # None after a run that finished; the stage that raised otherwise
         self(None)
+        self.rec["stage"] = failed
         self.rec["wall"] = time.perf_counter() - self.start
         return self.rec
 
