@@ -1,5 +1,5 @@
-"""Coverage sweep: Stripe-Wise Pruning (``swp_plugin.StripePruner``) on timm CNNs, with torch-pruning's own
-channel pruner as an anchor.
+"""Coverage sweep: Stripe-Wise Pruning (``swp_plugin.StripePruner``) on timm CNNs or torchvision models, with
+torch-pruning's own channel pruner as an anchor.
 
 For each model, in its own subprocess with a wall-clock limit:
 
@@ -11,15 +11,25 @@ For each model, in its own subprocess with a wall-clock limit:
 * torch-pruning anchor: ``tp.pruner.BasePruner(..., GroupMagnitudeImportance(), pruning_ratio=0.3)`` on a fresh
   instance of the same model, ``step()``, a forward.
 
+torchvision models (``--source torchvision``, :mod:`swp_plugin.testing.torchvision_models`):
+``torchvision.models.get_model(name, weights=None, num_classes=10)``, segmentation models also with
+``weights_backbone=None`` (nothing downloads) and their auxiliary head where they have one (dict outputs
+``{'out', 'aux'}``); every conv or linear with 10 outputs (classifiers, auxiliary classifiers, the last conv of
+each segmentation head) is ignored; the loss sums cross-entropies over all outputs and the exactness check takes
+the worst output.
+
 Usage (from the repository root)::
 
-    python benchmarks/timm_coverage.py                       # the full sweep (30-60 min on 2 cores)
+    python benchmarks/timm_coverage.py                       # the full timm sweep (30-60 min on 2 cores)
+    python benchmarks/timm_coverage.py --source torchvision  # the torchvision sweep (about 10 min)
     python benchmarks/timm_coverage.py --models resnet18,dla34 --json /tmp/c.json --md /tmp/c.md
     python benchmarks/timm_coverage.py --one resnet18         # one model in this process, record printed
 
     python benchmarks/timm_coverage.py --one-process          # every model in this process, in sequence
 
-Writes ``benchmarks/results/timm_coverage.json`` (one record per model) and ``docs/coverage.md``.
+Writes ``benchmarks/results/{timm,torchvision}_coverage.json`` (one record per model) and the source's section
+of ``docs/coverage.md`` (between ``<!-- coverage:SOURCE -->`` markers; the other sections are kept;
+``--from-json`` renders it again from the JSON).
 The per-model routines (``run_swp``, ``run_tp``) and the model list live in :mod:`swp_plugin.testing.sweep`.
 ``--one-process`` runs them in sequence in one process (no time limit): heap damage done by one model then
 shows in a later one, which a process per model hides (the memory-safety sweep).
@@ -44,10 +54,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from swp_plugin.testing.sweep import FLOAT64, MODELS, REPARAM, RUNNERS, SIZES
+from swp_plugin.testing import torchvision_models
+from swp_plugin.testing.sweep import FLOAT64, MODEL_LISTS, MODELS, REPARAM, RUNNERS, SIZE_OVERRIDES, SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_JSON = ROOT / "benchmarks" / "results" / "timm_coverage.json"
 DEFAULT_MD = ROOT / "docs" / "coverage.md"
 
 
@@ -92,7 +102,7 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 1) -> int:
+def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 1, source: str = "timm") -> int:
     """``--one NAME``: run one model in this process; the record (updated at each stage) goes to ``out``."""
     import warnings
 
@@ -101,7 +111,7 @@ def child_main(name: str, mode: str, size: int, out: str | None, threads: int = 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     progress = (lambda rec: _write_json(Path(out), rec)) if out else None
-    rec = RUNNERS[mode](name, size, progress)
+    rec = RUNNERS[mode](name, size, progress, source)
     rec["core"] = core_fingerprint()
     if out:
         _write_json(Path(out), rec)
@@ -131,21 +141,21 @@ def held(lock_file: str | None):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def in_process(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
+def in_process(name: str, mode: str, size: int, timeout: float, threads: int = 1, source: str = "timm") -> dict:
     """Run one model in this process (``--one-process``; ``timeout`` is not enforced)."""
     import torch
 
     torch.set_num_threads(threads)
-    return {**RUNNERS[mode](name, size), "core": core_fingerprint()}
+    return {**RUNNERS[mode](name, size, None, source), "core": core_fingerprint()}
 
 
-def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1) -> dict:
+def run_isolated(name: str, mode: str, size: int, timeout: float, threads: int = 1, source: str = "timm") -> dict:
     """Run one model in a subprocess (``--one``) with a wall-clock limit; a timeout or crash is recorded with
     the last stage the child reported."""
     with tempfile.TemporaryDirectory(prefix="timm_cov_") as tmp:
         out = Path(tmp) / "rec.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--mode", mode, "--size", str(size),
-               "--out", str(out), "--threads", str(threads)]
+               "--out", str(out), "--threads", str(threads), "--source", source]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         t, cpu = time.perf_counter(), _children_cpu()
         try:
@@ -183,34 +193,86 @@ def _status(r: dict) -> str:
     return s
 
 
+def _protocol(meta: dict) -> str:
+    """The protocol paragraph of a source's section."""
+    if meta.get("source", "timm") == "timm":
+        create = (f"random init, `num_classes=10`, input `4x3xSxS`, S = 96 unless noted; float64 for "
+                  f"{', '.join(sorted(FLOAT64))}, whose float32 forward at random init is dominated by rounding")
+        ignored, checked = "[classifier]", "the logits"
+    else:
+        create = ("`torchvision.models.get_model(name, weights=None, num_classes=10)`, segmentation models with "
+                  "`weights_backbone=None` and their auxiliary head where they have one (dict outputs `{'out', "
+                  "'aux'}`), input `4x3xSxS`, S = 96 (inception_v3: 299, the least its auxiliary classifier "
+                  "takes in train mode); `@noaux`: built with `aux_logits=False`")
+        ignored = "output_layers"
+        checked = "every output (the worst one: logits, segmentation maps)"
+    return (
+        f"Protocol per model ({create}): `StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers="
+        f"{ignored})`, random sparse skeleton (50% stripes dead, 30% filters dead), one `regularize()`d SGD step, "
+        f"BatchNorm calibration, eval outputs before/after `step()`; **exact** = `max|diff|/max|y| <= 1e-4` on "
+        f"{checked}, and one fine-tuning step of the pruned model (train-mode forward, backward, SGD step) gives "
+        "finite gradients and outputs. *Channels removed*: total BatchNorm features or conv output channels went "
+        "down. *MACs in g=1 / KxK convs*: share of the model's "
+        "MACs in the convs that get a Filter Skeleton with `groups=1` (what stripe pruning removes), and in those "
+        "of them with a kernel larger than 1x1 (where a stripe is finer than a filter). Anchor: "
+        "`tp.pruner.BasePruner(GroupMagnitudeImportance(), pruning_ratio=0.3)` on a fresh model, same ignored "
+        "layers, `step()`, forward (output shapes unchanged). MACs (per image) and params from "
+        "`swp_plugin.count_ops_and_params` (torch-pruning's counter plus stripe layers and timm's conv/norm "
+        "subclasses), in millions. Each run in its own process with a time limit "
+        f"(SWP {meta['timeout']:g} s, torch-pruning {meta['tp_timeout']:g} s). *step s*: wall time of `step()` "
+        "(construction time, per-stage times and the child's CPU time are in the JSON; wall times on a shared "
+        "machine are indicative only)." + ("" if meta.get("source", "timm") == "timm" else _TORCHVISION_NOTES)
+    )
+
+
+_TORCHVISION_NOTES = (
+    " `output_layers`: every conv or linear with 10 outputs (classifiers, auxiliary classifiers, the last conv of "
+    "each segmentation head), ignored by both pruners so that every output keeps its channels. The training loss "
+    "sums cross-entropies over all outputs (per pixel for segmentation maps; googlenet's and inception_v3's "
+    "auxiliary logits in train mode). Their auxiliary classifiers run only in train mode, and torch-pruning's "
+    "DependencyGraph is traced in eval mode: channel cleanup removes channels those heads read, so the eval outputs "
+    "stay exact but a train-mode forward fails, for SWP and for torch-pruning's own pruner alike (see the errors "
+    "below); `@noaux` builds the model without them."
+)
+
+
+def _share(s: dict) -> str:
+    if s.get("macs_share_g1") is None:
+        return "-"
+    return f"{100 * s['macs_share_g1']:.0f} / {100 * s['macs_share_kxk']:.0f}"
+
+
+def _little_to_gain(records: List[dict], below: float = 0.25) -> List[str]:
+    """A paragraph naming the models whose MACs lie mostly where stripes are no finer than filters."""
+    few = [f"{r['model']} ({_share(r['swp'])})" for r in records
+           if r["swp"].get("macs_share_kxk") is not None and r["swp"]["macs_share_kxk"] < below]
+    if not few:
+        return []
+    return ["", f"Where SWP can do little beyond channel pruning: less than {100 * below:.0f}% of the MACs in "
+            f"stripe-prunable KxK convs (g=1 / KxK %): {', '.join(few)}. In 1x1 convs a stripe is a whole filter "
+            "(SWP prunes like a channel pruner there); depthwise and grouped convs stay dense (a depthwise stripe is "
+            "one weight; whole dead filters still go); `nn.Linear` layers get no skeleton - e.g. ConvNeXt, whose "
+            "MLPs are `nn.Linear` and whose 7x7 convs are depthwise, leaves SWP only its stem and downsampling convs."]
+
+
 def render_md(records: List[dict], meta: dict) -> str:
+    """The markdown section of one sweep (``meta['source']``: timm or torchvision)."""
     n = len(records)
     swp = [r["swp"] for r in records]
     tpr = [r["tp"] for r in records]
     exact = [s for s in swp if s.get("status") == "exact"]
     cleanup = [s for s in exact if s.get("channels_removed")]
     tp_ok = [t for t in tpr if t.get("status") == "ok"]
+    title = "timm CNNs" if meta.get("source", "timm") == "timm" else "torchvision models"
     lines = [
-        "# SWP coverage on timm CNNs",
+        f"# SWP coverage on {title}",
         "",
         f"Produced by `{meta['command']}` on {meta['date']} ({meta['machine']}).",
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}. "
         f"swp_plugin core: {_core_summary(records)}.",
         "",
-        "Protocol per model (random init, `num_classes=10`, input `4x3xSxS`, S = 96 unless noted; float64 for "
-        f"{', '.join(sorted(FLOAT64))}, whose float32 forward at random init is dominated by rounding): "
-        "`StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=[classifier])`, random sparse "
-        "skeleton (50% stripes dead, 30% filters dead), one `regularize()`d SGD step, BatchNorm calibration, "
-        "eval outputs before/after `step()`; **exact** = `max|diff|/max|y| <= 1e-4` on the logits and a "
-        "train-mode forward + backward of the pruned model works. *Channels removed*: total BatchNorm features "
-        "or conv output channels went down. Anchor: `tp.pruner.BasePruner(GroupMagnitudeImportance(), "
-        "pruning_ratio=0.3)` on a fresh model, `step()`, forward. MACs (per image) and params from "
-        "`swp_plugin.count_ops_and_params` (torch-pruning's counter plus stripe layers and timm's conv/norm "
-        "subclasses), in millions. Each run in its own process with a time limit "
-        f"(SWP {meta['timeout']:g} s, torch-pruning {meta['tp_timeout']:g} s). *step s*: wall time of `step()` "
-        "(construction time, per-stage times and the child's CPU time are in the JSON; wall times on a shared "
-        "machine are indicative only).",
+        _protocol(meta),
         "",
         f"**SWP: {len(exact)}/{n} exact ({len(cleanup)} with channel cleanup); "
         f"torch-pruning BasePruner: {len(tp_ok)}/{n}**",
@@ -218,8 +280,8 @@ def render_md(records: List[dict], meta: dict) -> str:
         "SWP: " + _counts(swp) + ". torch-pruning: " + _counts(tpr) + ".",
         "",
         "| model | family | S | SWP | rel err | MACs M before->after | params M before->after | channels removed |"
-        " step s | tp anchor | tp MACs M after |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " MACs in g=1 / KxK convs % | step s | tp anchor | tp MACs M after |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         s, t = r["swp"], r["tp"]
@@ -230,16 +292,37 @@ def render_md(records: List[dict], meta: dict) -> str:
             f"| {r['model']} | {r['family']} | {r['size']} | {_status(s)} | "
             f"{'-' if err is None else f'{err:.1e}'} | {_m(s.get('macs_before'))} -> {_m(s.get('macs_after'))} | "
             f"{_m(s.get('params_before'))} -> {_m(s.get('params_after'))} | "
-            f"{'-' if removed is None else ('yes' if removed else 'no')} | "
+            f"{'-' if removed is None else ('yes' if removed else 'no')} | {_share(s)} | "
             f"{step} | "
             f"{_status(t)} | {_m(t.get('macs_after'))} |"
         )
+    lines += _little_to_gain(records)
     lines += ["", "## SWP errors and inexact results, by type", ""]
     lines += _grouped(records, "swp") or ["none"]
     lines += ["", "## torch-pruning anchor errors, by type", ""]
     lines += _grouped(records, "tp") or ["none"]
+    broken = [f"`{r['model']}` ({r['tp']['train_forward'][:160]})".replace("|", "\\|") for r in records
+              if r["tp"].get("status") == "ok" and r["tp"].get("train_forward", "ok") != "ok"]
+    if broken:
+        lines += ["", "Anchor runs counted ok (its check is an eval forward) whose pruned model no longer runs in "
+                  "train mode: " + "; ".join(broken) + "."]
     lines.append("")
     return "\n".join(lines)
+
+
+def write_section(path: Path, source: str, text: str) -> None:
+    """Put ``text`` between ``<!-- coverage:SOURCE -->`` markers in ``path``: in place of the source's previous
+    section, else appended; the rest of the file is kept."""
+    begin, end = f"<!-- coverage:{source} -->", f"<!-- /coverage:{source} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        i, j = old.index(begin), old.index(end) + len(end)
+        new = old[:i] + block + old[j:].removeprefix("\n")
+    else:
+        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
 
 
 def _counts(recs: List[dict]) -> str:
@@ -258,7 +341,10 @@ def _grouped(records: List[dict], key: str) -> List[str]:
             continue
         msg = s.get("error", "")
         msg = (msg[:240] + " [...]" if len(msg) > 240 else msg).replace("|", "\\|").replace("`", "'")
-        extra = f" (rel err after the failed step: {s['rel_err']:.3g})" if s.get("rel_err") is not None else ""
+        extra = ""
+        if s.get("rel_err") is not None:
+            extra = (f" (rel err after the failed step: {s['rel_err']:.3g})" if s.get("stage") == "step" else
+                     f" (eval outputs after step(): rel err {s['rel_err']:.3g})")
         groups[s.get("error_type", "?")].append(f"`{r['model']}` ({s.get('stage')}): {msg}{extra}")
     out = []
     for kind, items in sorted(groups.items(), key=lambda kv: -len(kv[1])):
@@ -271,9 +357,7 @@ def _core_summary(records: List[dict]) -> str:
     cores: Dict[str, List[str]] = defaultdict(list)
     for r in records:
         c = r["swp"].get("core") or r["tp"].get("core") or {}
-        cores[f"`{c.get('path')}` (git {c.get('git', '?')}, sources sha1 {c.get('sha1')})" if c else "unknown"].append(
-            r["model"]
-        )
+        cores[f"git {c.get('git', '?')}, sources sha1 {c.get('sha1')}" if c else "unknown"].append(r["model"])
     if len(cores) <= 1:
         return next(iter(cores), "unknown")
     return "**changed during the sweep** (the SWP run of each model used the one listed): " + "; ".join(
@@ -287,22 +371,34 @@ def _command(argv: List[str]) -> str:
         script_s = str(script.relative_to(ROOT))
     except ValueError:
         script_s = str(script)
-    return " ".join(["python", script_s] + [shlex.quote(a) for a in argv[1:]])
+    args, skip = [], False
+    for a in argv[1:]:  # --lock FILE only orders this job with other timing jobs: not part of the recipe
+        if skip or a.startswith("--lock="):
+            skip = False
+            continue
+        skip = a == "--lock"
+        if not skip:
+            args.append(shlex.quote(a))
+    return " ".join(["python", script_s] + args)
 
 
 def main(argv: List[str] | None = None) -> int:
     argv = sys.argv if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--models", help=f"comma-separated subset (default: the full list, {len(MODELS)} models)")
+    p.add_argument("--source", choices=SOURCES, default="timm", help="where the models come from (default timm)")
+    p.add_argument("--models", help=f"comma-separated subset (default: the source's full list, {len(MODELS)} timm / "
+                   f"{len(MODEL_LISTS['torchvision'])} torchvision models)")
     p.add_argument("--timeout", type=float, default=300, help="SWP wall-clock limit per model, s (default 300)")
     p.add_argument("--tp-timeout", type=float, default=120, help="torch-pruning limit per model, s (default 120)")
     p.add_argument("--size", type=int, default=96, help="input size S (default 96; per-model overrides in SIZES)")
-    p.add_argument("--json", default=str(DEFAULT_JSON), help="output JSON (default %(default)s)")
-    p.add_argument("--md", default=str(DEFAULT_MD), help="output markdown (default %(default)s)")
+    p.add_argument("--json", help="output JSON (default benchmarks/results/SOURCE_coverage.json)")
+    p.add_argument("--md", default=str(DEFAULT_MD), help="markdown file whose SOURCE section is (re)written "
+                   "(default docs/coverage.md)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process (default 1: robust "
                    "on a shared machine, where OpenMP threads\nof several processes oversubscribe the cores)")
     p.add_argument("--skip-tp", action="store_true", help="do not run the torch-pruning anchor")
     p.add_argument("--resume", action="store_true", help="keep the records already in --json, run the rest")
+    p.add_argument("--from-json", action="store_true", help="run nothing: render the markdown from --json again")
     p.add_argument("--lock", metavar="FILE", help="hold an exclusive lock on FILE (flock) while a model runs, so that "
                    "timing jobs of other\nprocesses that take the same lock run between models, not beside them")
     p.add_argument("--one-process", action="store_true", help="run every model in this process, in sequence (no "
@@ -313,15 +409,26 @@ def main(argv: List[str] | None = None) -> int:
     args = p.parse_args(argv[1:])
 
     if args.one:
-        return child_main(args.one, args.mode, SIZES.get(args.one, args.size), args.out, args.threads)
+        size = SIZE_OVERRIDES[args.source].get(args.one, args.size)
+        return child_main(args.one, args.mode, size, args.out, args.threads, args.source)
 
-    import timm
+    models = MODEL_LISTS[args.source]
+    json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"{args.source}_coverage.json")
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list(models)
+    if args.source == "timm":
+        import timm
 
-    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else list(MODELS)
-    unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
+        unknown = [n for n in names if not timm.is_model(n.removesuffix(REPARAM))]
+    else:
+        unknown = [n for n in names if not torchvision_models.is_model(n)]
     if unknown:
-        p.error(f"not timm models: {', '.join(unknown)}")
+        p.error(f"not {args.source} models: {', '.join(unknown)}")
+    if args.from_json:
+        saved = json.loads(json_path.read_text())
+        write_section(Path(args.md), args.source, render_md(saved["records"], saved["meta"]))
+        return 0
     meta = {
+        "source": args.source,
         "command": _command(argv),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": f"{os.cpu_count()} CPU cores, torch CPU, {args.threads} thread(s) per model process",
@@ -330,8 +437,8 @@ def main(argv: List[str] | None = None) -> int:
         "tp_timeout": args.tp_timeout,
     }
     done: Dict[str, dict] = {}
-    if args.resume and Path(args.json).exists():
-        previous = json.loads(Path(args.json).read_text())
+    if args.resume and json_path.exists():
+        previous = json.loads(json_path.read_text())
         done = {r["model"]: r for r in previous.get("records", []) if r["model"] in names}
         meta["command"], meta["date"] = previous["meta"]["command"], previous["meta"]["date"]
     records: List[dict] = []
@@ -340,27 +447,26 @@ def main(argv: List[str] | None = None) -> int:
         if name in done:
             records.append(done[name])
             continue
-        size = SIZES.get(name, args.size)
-        rec = {"model": name, "family": MODELS.get(name, name.split("_")[0]), "size": size}
+        size = SIZE_OVERRIDES[args.source].get(name, args.size)
+        rec = {"model": name, "family": models.get(name, name.split("_")[0]), "size": size}
         run = in_process if args.one_process else run_isolated
         with held(args.lock):
-            rec["swp"] = run(name, "swp", size, args.timeout, args.threads)
+            rec["swp"] = run(name, "swp", size, args.timeout, args.threads, args.source)
             if args.skip_tp:
                 rec["tp"] = {"status": "skipped"}
             else:
-                rec["tp"] = run(name, "tp", size, args.tp_timeout, args.threads)
+                rec["tp"] = run(name, "tp", size, args.tp_timeout, args.threads, args.source)
         records.append(rec)
-        _write_json(Path(args.json), {"meta": meta, "records": records})
+        _write_json(json_path, {"meta": meta, "records": records})
         s, t = rec["swp"], rec["tp"]
         err = f" rel_err={s['rel_err']:.1e}" if s.get("rel_err") is not None else ""
         why = f" [{s.get('error_type')}: {s.get('error', '')[:100]}]" if s.get("error_type") else ""
         print(f"[{i}/{len(names)} {time.perf_counter() - t0:.0f}s] {name}: SWP {_status(s)}{err}{why}; "
               f"tp {_status(t)} ({s.get('wall_process', 0):.0f}s + {t.get('wall_process', 0):.0f}s)", flush=True)
     meta["wall_total_s"] = round(time.perf_counter() - t0, 1)
-    _write_json(Path(args.json), {"meta": meta, "records": records})
+    _write_json(json_path, {"meta": meta, "records": records})
     md = render_md(records, meta)
-    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.md).write_text(md)
+    write_section(Path(args.md), args.source, md)
     print()
     print(md)
     return 0

@@ -272,6 +272,22 @@ def test_cuda():
     assert rel_err(y0, y1) <= 1e-4 and all(p.is_cuda for p in model.parameters())
 
 
+@case("ddp-wrapper", "StripePruner on a DistributedDataParallel wrapper: ValueError, build the pruner on the bare "
+      "model before wrapping (2-process DDP training: tests/test_ddp.py)")
+def test_pruner_on_ddp_wrapper(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = resnet20(width=0.5)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="build the pruner on the bare model"):
+            StripePruner(wrapped, torch.randn(1, 3, 32, 32))
+        assert not parametrize.is_parametrized(model.conv1)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_docs_reliability_lists_every_case():
     rows = {}
     for line in (Path(__file__).parents[1] / "docs" / "reliability.md").read_text().splitlines():

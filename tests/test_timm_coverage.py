@@ -1,5 +1,6 @@
 """CI-sized slice of the coverage sweep (swp_plugin.testing.sweep, run by benchmarks/timm_coverage.py): the same
-per-model SWP pipeline, in-process, on fast timm CNNs; and the report of the benchmark.
+per-model SWP pipeline, in-process, on fast timm CNNs and torchvision models (dict outputs of segmentation models, a
+conv classifier without BatchNorm); and the report of the benchmark.
 
 Random sparse skeleton (dead stripes and dead filters), one regularized step, BatchNorm calibration, ``step()``;
 the outputs must not change (``max|diff|/max|y| <= 1e-4``) and the pruned model must fine-tune a step.
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from swp_plugin.testing import sweep
+from swp_plugin.testing import sweep, torchvision_models
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "timm_coverage.py"
 _spec = importlib.util.spec_from_file_location("timm_coverage", _PATH)
@@ -56,6 +57,62 @@ def test_coverage_pipeline_exact(name):
     assert rec["status"] == "exact"
     assert rec["backward_ok"] and rec["grads_finite"] and rec["finetuned_finite"]
     assert rec["macs_after"] < rec["macs_before"]
+
+
+# torchvision (--source torchvision): segmentation with dict outputs, squeezenet (conv classifier, no BatchNorm),
+# googlenet without its train-mode auxiliary classifiers.
+TORCHVISION = ["lraspp_mobilenet_v3_large", "squeezenet1_1", "googlenet@noaux"]
+
+
+@pytest.mark.parametrize("name", TORCHVISION)
+def test_coverage_pipeline_exact_torchvision(name):
+    rec = sweep.run_swp(name, size=64, source="torchvision")
+    assert rec["status"] != "error", f"{rec['stage']}: {rec['error_type']}: {rec['error']}\n{rec['traceback']}"
+    assert rec["rel_err"] <= sweep.TOLERANCE and rec["status"] == "exact"
+    assert rec["backward_ok"] and rec["grads_finite"] and rec["finetuned_finite"]
+    assert rec["macs_after"] < rec["macs_before"] and rec["channels_removed"]
+    assert 0 < rec["macs_share_kxk"] <= rec["macs_share_g1"] <= 1
+
+
+def test_output_layers_and_loss_of_a_segmentation_model():
+    model, x = sweep.make_model("lraspp_mobilenet_v3_large", 64, "torchvision")
+    assert set(sweep.output_layers(model, "torchvision")) == {model.classifier.low_classifier,
+                                                               model.classifier.high_classifier}
+    with torch.no_grad():
+        y = model(x)
+    assert isinstance(y, dict) and [tuple(t.shape) for t in y.values()] == [(4, 10, 64, 64)]
+    loss = sweep.model_loss(y, 4)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert torchvision_models.is_model("googlenet@noaux") and not torchvision_models.is_model("resnet18d")
+
+
+def test_failed_record_keeps_its_stage():
+    rec = {"status": "running", "stage": None}
+    stage = sweep.Stages(rec, None)
+    stage("create")
+    stage("finetune")
+    rec["status"] = "error"
+    assert stage.close()["stage"] == "finetune" and set(rec["stage_s"]) == {"create", "finetune"}
+    done = {"status": "running", "stage": None}
+    stage = sweep.Stages(done, None)
+    stage("create")
+    stage(None)
+    assert stage.close()["stage"] is None
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+    md = tmp_path / "coverage.md"
+    coverage.write_section(md, "timm", "# timm\nold")
+    coverage.write_section(md, "torchvision", "# torchvision\nfirst")
+    coverage.write_section(md, "torchvision", "# torchvision\nsecond")
+    text = md.read_text()
+    assert text.count("<!-- coverage:torchvision -->") == 1 and "first" not in text and "second" in text
+    assert text.index("# timm\nold") < text.index("# torchvision")
+
+
+def test_command_names_no_lock_file():
+    command = coverage._command(["benchmarks/timm_coverage.py", "--source", "torchvision", "--lock", "/x/cpu.lock"])
+    assert command == "python benchmarks/timm_coverage.py --source torchvision"
 
 
 def test_report_renders():

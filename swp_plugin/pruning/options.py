@@ -90,6 +90,11 @@ class PrunerOptions:
 def parse_options(model: nn.Module, sr, threshold, macs_reduction, params_reduction, importance, verify, tolerance,
                   graph_timeout, ignored_layers: Sequence | None, options: Dict) -> PrunerOptions:
     """Validate ``StripePruner``'s arguments and torch-pruning options (see the module docstring)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("StripePruner got a DistributedDataParallel wrapper: build the pruner on the bare model, "
+                         "then wrap it (DDP registers the parameters it all-reduces when it is built, and the Filter "
+                         "Skeletons are new parameters): pruner = StripePruner(model, ...); "
+                         "ddp_model = DistributedDataParallel(model)")
     refused = sorted(set(options) & set(REFUSED))
     if refused:
         raise TypeError("StripePruner cannot honour " + "; ".join(f"{k}: {REFUSED[k]}" for k in refused))

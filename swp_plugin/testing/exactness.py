@@ -6,6 +6,8 @@ deep net's activations alive, and the relative error ``max|a - b| / max|a|``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,11 +51,15 @@ def randomize_skeletons(pruner, dead_stripes: float = 0.5, dead_filters: float =
             fs.copy_(values)
 
 
-def regularized_step(model: nn.Module, pruner, x: torch.Tensor, num_classes: int = 10, lr: float = 0.01) -> None:
-    """One step of the documented loop: forward, backward, ``pruner.regularize``, ``optimizer.step``."""
+def regularized_step(model: nn.Module, pruner, x: torch.Tensor, num_classes: int = 10, lr: float = 0.01,
+                     loss_fn: Callable | None = None) -> None:
+    """One step of the documented loop: forward, backward, ``pruner.regularize``, ``optimizer.step``.
+    ``loss_fn(output, n)`` for models whose output is not logits ``(n, num_classes)`` (default: cross-entropy
+    with labels ``arange(n) % num_classes``)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     model.train()
-    loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % num_classes)
+    y = model(x)
+    loss = loss_fn(y, x.shape[0]) if loss_fn is not None else F.cross_entropy(y, torch.arange(x.shape[0]) % num_classes)
     optimizer.zero_grad()
     loss.backward()
     pruner.regularize(model)

@@ -9,7 +9,9 @@ sparse skeleton (half the stripes, 30% of the filters dead), one regularized tra
 calibration, eval outputs before / after ``step()`` (exact if ``max|diff|/max|y| <= 1e-4``), then one
 fine-tuning step of the pruned model (train-mode forward, backward, SGD step) and an eval forward. Running
 many models in one process is the point: heap damage done by one shows in a later one, where a process per
-model would hide it. :func:`run_tp` is the benchmark's anchor, torch-pruning's own channel pruner.
+model would hide it. :func:`run_tp` is the benchmark's anchor, torch-pruning's own channel pruner. Both take a
+``source``: ``timm`` (:data:`MODELS`) or ``torchvision`` (:mod:`.torchvision_models`: dict and tuple outputs, the
+layers producing the outputs ignored, the loss summed and the exactness checked over every output).
 """
 
 from __future__ import annotations
@@ -32,104 +34,19 @@ from timm.utils.model import reparameterize_model
 from ..layers.stripe_conv import StripeConv2d
 from ..measure import count_ops_and_params
 from ..pruning import StripePruner
+from ..utils import flat_outputs, run_with_hooks
+from . import torchvision_models
 from .exactness import calibrate_bn, randomize_skeletons, regularized_step, rel_err
+from .timm_models import FLOAT64, MODELS, REPARAM, SIZES
 
 #: max|diff| / max|y| of the logits that counts as exact
 TOLERANCE = 1e-4
 
-#: name -> family; the smallest variant of each family, plus a few with a special layer (noted).
-MODELS: Dict[str, str] = {
-    "resnet18": "resnet",
-    "resnet50": "resnet",
-    "resnet18d": "resnet",  # deep stem, avg-pool downsample
-    "resnet10t": "resnet",
-    "resnext26ts": "resnext",
-    "resnext50_32x4d": "resnext",
-    "seresnet18": "senet",
-    "legacy_seresnet18": "senet",
-    "seresnext26d_32x4d": "senet",
-    "ecaresnet26t": "senet",  # ECA attention (conv1d over channels)
-    "gcresnet33ts": "senet",  # global context attention
-    "regnetx_002": "regnet",
-    "regnety_002": "regnet",
-    "regnetz_005": "regnetz",
-    "efficientnet_b0": "efficientnet",
-    "tf_efficientnet_b0": "efficientnet",  # Conv2dSame (TF 'SAME' padding)
-    "efficientnet_b0_gn": "efficientnet",  # GroupNorm
-    "efficientnet_cc_b0_4e": "efficientnet",  # CondConv2d (routed expert kernels)
-    "efficientnetv2_rw_t": "efficientnetv2",
-    "tf_efficientnetv2_b0": "efficientnetv2",
-    "tinynet_e": "tinynet",
-    "mobilenetv2_035": "mobilenetv2",
-    "mobilenetv3_small_050": "mobilenetv3",
-    "mobilenetv4_conv_small_035": "mobilenetv4",
-    "mobilenetv4_hybrid_medium": "mobilenetv4",  # attention blocks
-    "mnasnet_small": "mnasnet",
-    "semnasnet_050": "mnasnet",
-    "fbnetc_100": "fbnet",
-    "fbnetv3_b": "fbnet",
-    "ghostnet_050": "ghostnet",
-    "ghostnetv2_100": "ghostnet",
-    "ghostnetv3_050": "ghostnet",
-    "repghostnet_050": "repghost",
-    "rexnet_100": "rexnet",
-    "mixnet_s": "mixnet",
-    "densenet121": "densenet",
-    "dla34": "dla",
-    "dla46_c": "dla",
-    "dla60_res2net": "dla",
-    "dpn48b": "dpn",
-    "hrnet_w18_small": "hrnet",
-    "cspresnet50": "cspnet",
-    "cspdarknet53": "cspnet",
-    "cs3darknet_s": "cspnet",
-    "darknet17": "darknet",
-    "sedarknet21": "darknet",
-    "res2net50_14w_8s": "res2net",
-    "resnest14d": "resnest",
-    "skresnet18": "sknet",
-    "nf_resnet26": "nfnet",  # ScaledStdConv2d
-    "dm_nfnet_f0": "nfnet",
-    "repvgg_a0": "repvgg",
-    "repvgg_a0@reparam": "repvgg",  # after reparameterize(): one 3x3 conv per block
-    "mobileone_s0": "mobileone",
-    "mobileone_s0@reparam": "mobileone",
-    "convnext_atto": "convnext",  # LayerNorm
-    "convnextv2_atto": "convnext",  # GRN
-    "inception_v3": "inception",
-    "inception_v4": "inception",
-    "xception41": "xception",
-    "ese_vovnet19b_dw": "vovnet",
-    "vovnet39a": "vovnet",
-    "selecsls42b": "selecsls",
-    "gernet_s": "gernet",
-    "lcnet_050": "lcnet",
-    "tresnet_m": "tresnet",  # space-to-depth stem, anti-aliasing
-    "resnetv2_18": "resnetv2",  # pre-activation
-    "resnetv2_50x1_bit": "resnetv2",  # StdConv2d + GroupNorm
-    "hgnetv2_b0": "hgnet",
-    "hgnet_tiny": "hgnet",
-    "vgg11_bn": "vgg",
-    "repvit_m0_9": "repvit",
-    "fastvit_t8": "fastvit",
-    "mobilevit_xxs": "mobilevit (hybrid)",
-    "edgenext_xx_small": "edgenext (hybrid)",
-    "efficientvit_b0": "efficientvit (hybrid)",
-    "efficientvit_m0": "efficientvit (hybrid)",
-    "lambda_resnet26t": "lambda (hybrid)",
-    "inception_next_atto": "inception_next",
-}
-
-#: name suffix: prune the model after ``timm.utils.reparameterize_model`` (its fused inference form)
-REPARAM = "@reparam"
-
-#: Models checked in float64: at random init their float32 forward is numerically meaningless (repvit_m0_9:
-#: activations reach 1e7 and the float32 logits differ from float64 ones by 100%), so a float32 comparison
-#: measures rounding, not the pruning (in float64 its stripe conversion matches to 1e-13).
-FLOAT64 = {"repvit_m0_9"}
-
-# Per-model input size where the default does not suit (every model above runs at 96x96 in timm 1.0.31).
-SIZES: Dict[str, int] = {}
+NUM_CLASSES = 10
+#: the model lists and per-model input sizes by source
+SOURCES = ("timm", "torchvision")
+MODEL_LISTS: Dict[str, Dict[str, str]] = {"timm": MODELS, "torchvision": torchvision_models.MODELS}
+SIZE_OVERRIDES: Dict[str, Dict[str, int]] = {"timm": SIZES, "torchvision": torchvision_models.SIZES}
 
 
 def channel_counts(model: nn.Module) -> Dict[str, int]:
@@ -156,16 +73,50 @@ def error_info(err: BaseException) -> Dict[str, str]:
     return info
 
 
-def make_model(name: str, size: int):
-    """``(model in eval mode, input (4, 3, size, size))`` for a timm name (``@reparam``: reparameterised)."""
+def make_model(name: str, size: int, source: str = "timm"):
+    """``(model in eval mode, input (4, 3, size, size))`` for a timm name (``@reparam``: reparameterised) or a
+    torchvision one."""
+    if source == "torchvision":
+        return torchvision_models.make_model(name, size, NUM_CLASSES)
     torch.manual_seed(0)
-    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10)
+    model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=NUM_CLASSES)
     if name.endswith(REPARAM):  # the deploy form of a reparameterisable net
         model = reparameterize_model(model.eval())
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
     if name in FLOAT64:
         model, x = model.double(), x.double()
     return model.eval(), x
+
+
+def output_layers(model: nn.Module, source: str = "timm") -> List[nn.Module]:
+    """The layers that produce the outputs, ignored by both pruners: timm's classifier, or
+    :func:`.torchvision_models.output_layers`."""
+    return [model.get_classifier()] if source == "timm" else torchvision_models.output_layers(model, NUM_CLASSES)
+
+
+def model_loss(y, n: int) -> torch.Tensor:
+    """Cross-entropy summed over the outputs (tensor, tuple or dict): logits ``(n, classes)`` or per-pixel
+    maps ``(n, classes, H, W)``, labels ``arange(n) % classes``."""
+    target = torch.arange(n) % NUM_CLASSES
+    return sum(F.cross_entropy(o, target.view(-1, *[1] * (o.dim() - 2)).expand(n, *o.shape[2:]))
+               for o in flat_outputs(y))
+
+
+def stripe_macs_share(model: nn.Module, layers: List[nn.Module], x: torch.Tensor, macs: float) -> Dict[str, float]:
+    """Share of the model's MACs (``macs`` per image) in the ``layers`` (skeleton convs) with ``groups=1``
+    (what stripe pruning removes), and in those with a kernel larger than 1x1 (where a stripe is finer than a
+    filter)."""
+    found = {"g1": 0.0, "kxk": 0.0}
+
+    def hook(conv, inputs, output) -> None:
+        if getattr(conv, "groups", 1) == 1:
+            kh, kw = conv.kernel_size
+            m = output[0].numel() * conv.in_channels * kh * kw
+            found["g1"] += m
+            found["kxk"] += m if kh * kw > 1 else 0
+
+    run_with_hooks(model, layers, hook, x[:1])
+    return {"macs_share_g1": found["g1"] / macs, "macs_share_kxk": found["kxk"] / macs}
 
 
 class Stages:
@@ -186,19 +137,21 @@ class Stages:
             self.progress(self.rec)
 
     def close(self) -> dict:
+        failed = self.rec.get("stage")  # None after a run that finished; the stage that raised otherwise
         self(None)
+        self.rec["stage"] = failed
         self.rec["wall"] = time.perf_counter() - self.start
         return self.rec
 
 
-def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
+def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
     """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
     with the stage they happened in). ``progress(record)`` is called when each stage starts."""
     rec: dict = {"status": "running", "stage": None}
     stage = Stages(rec, progress)
     try:
         stage("create")
-        model, x = make_model(name, size)
+        model, x = make_model(name, size, source)
         stage("count_before")
         macs, params = count_ops_and_params(model, x[:1])
         rec.update(macs_before=float(macs), params_before=int(params))
@@ -206,16 +159,18 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
 
         stage("pruner")
         t = time.perf_counter()
-        pruner = StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=[model.get_classifier()])
+        pruner = StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=output_layers(model, source))
         rec["t_pruner"] = time.perf_counter() - t
         rec["skeletons"] = len(pruner.skeletons)
         rec["skipped"] = len(pruner.skipped)
         rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
+        modules = dict(model.named_modules())
+        rec.update(stripe_macs_share(model, [modules[n] for n in pruner.skeletons], x, rec["macs_before"]))
 
         stage("skeleton")
         randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
         stage("regularize")
-        regularized_step(model, pruner, x)
+        regularized_step(model, pruner, x, loss_fn=model_loss)
         stage("calibrate")
         calibrate_bn(model, x)
         with torch.no_grad():
@@ -246,12 +201,17 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
     return stage.close()
 
 
-def _measure_after(rec: dict, model: nn.Module, x: torch.Tensor, y0: torch.Tensor) -> None:
-    """Outputs after ``step()`` (also after a failed one: the model may have been changed), channels."""
+def _measure_after(rec: dict, model: nn.Module, x: torch.Tensor, y0) -> None:
+    """Outputs after ``step()`` (also after a failed one: the model may have been changed), channels; the error
+    is the worst over the outputs (dict, tuple)."""
     try:
         model.eval()
         with torch.no_grad():
-            rec["rel_err"] = rel_err(y0, model(x))
+            before, after = flat_outputs(y0), flat_outputs(model(x))
+        shapes = [tuple(t.shape) for t in before], [tuple(t.shape) for t in after]
+        if shapes[0] != shapes[1]:
+            raise RuntimeError(f"output shapes {shapes[0]} became {shapes[1]}")
+        rec["rel_err"] = max(rel_err(a, b) for a, b in zip(before, after))
     except Exception as err:
         rec["after_forward_error"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
     counts = channel_counts(model)
@@ -265,7 +225,7 @@ def _finetune_step(rec: dict, model: nn.Module, x: torch.Tensor) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     model.train()
-    loss = F.cross_entropy(model(x), torch.arange(x.shape[0]) % 10)
+    loss = model_loss(model(x), x.shape[0])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if not any(p.grad is not None for p in params):
@@ -276,22 +236,25 @@ def _finetune_step(rec: dict, model: nn.Module, x: torch.Tensor) -> None:
     optimizer.step()
     model.eval()
     with torch.no_grad():
-        rec["finetuned_finite"] = bool(torch.isfinite(model(x)).all())
+        rec["finetuned_finite"] = all(bool(torch.isfinite(t).all()) for t in flat_outputs(model(x)))
 
 
-def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None) -> dict:
-    """torch-pruning's own channel pruner (magnitude, ratio 0.3) on a fresh model, then a forward."""
+def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
+    """torch-pruning's own channel pruner (magnitude, ratio 0.3) on a fresh model, then a forward (output shapes
+    unchanged); whether the pruned model still runs in train mode is recorded (``train_forward``), not judged."""
     rec: dict = {"status": "running", "stage": None}
     stage = Stages(rec, progress)
     try:
         stage("create")
-        model, x = make_model(name, size)
+        model, x = make_model(name, size, source)
         macs, params = count_ops_and_params(model, x[:1])
         rec.update(macs_before=float(macs), params_before=int(params))
+        with torch.no_grad():
+            shapes = [tuple(t.shape) for t in flat_outputs(model(x))]
         stage("pruner")
         t = time.perf_counter()
         pruner = tp.pruner.BasePruner(model, x[:1], importance=tp.importance.GroupMagnitudeImportance(),
-                                      pruning_ratio=0.3, ignored_layers=[model.get_classifier()])
+                                      pruning_ratio=0.3, ignored_layers=output_layers(model, source))
         rec["t_pruner"] = time.perf_counter() - t
         stage("step")
         t = time.perf_counter()
@@ -299,9 +262,16 @@ def run_tp(name: str, size: int = 96, progress: Callable[[dict], None] | None = 
         rec["t_step"] = time.perf_counter() - t
         stage("forward")
         with torch.no_grad():
-            y = model(x)
-        if tuple(y.shape) != (x.shape[0], 10):
-            raise RuntimeError(f"output shape {tuple(y.shape)} after pruning")
+            after = [tuple(t.shape) for t in flat_outputs(model(x))]
+        if after != shapes:
+            raise RuntimeError(f"output shapes {shapes} became {after} after pruning")
+        try:
+            model.train()
+            model(x)
+            rec["train_forward"] = "ok"
+        except Exception as err: # information only
+            rec["train_forward"] = f"{type(err).__name__}: {str(err).strip()[:200]}"
+        model.eval()
         stage("count_after")
         macs, params = count_ops_and_params(model, x[:1])
         rec.update(macs_after=float(macs), params_after=int(params))
