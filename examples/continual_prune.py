@@ -1,8 +1,9 @@
-"""Continual pruning: channel pruning with torch-pruning (Network Slimming, Gate Decorator or any pruned
+"""Continual pruning: channel pruning with torch-pruning (Network Slimming, Gate Decorator, DCP or any pruned
 checkpoint), then Stripe-Wise Pruning on the result.
 
     python examples/continual_prune.py                        # default: about 10 min on 2 CPU cores
     python examples/continual_prune.py --first gbn            # Gate-Decorator-style first stage
+    python examples/continual_prune.py --first dcp --model vgg19_bn   # discrimination-aware channel pruning
     python examples/continual_prune.py --first checkpoint:runs/continual_prune/slimming.pt
     python examples/continual_prune.py --first none           # SWP on the baseline
     python examples/continual_prune.py --preset paper --dataset cifar10 --data-path data --device cuda
@@ -14,8 +15,10 @@ Stages (each trains from the previous one; ``--epochs-*`` set their cost):
   2. first stage (``--first``): ``slimming`` = ``tp.pruner.BNScalePruner`` sparse training with its
      ``regularize``, global pruning of ``--prune-ratio`` of the channels by BN scale, fine-tune;
      ``gbn`` = Taylor importance of the BN gates accumulated while training, global and iterative
-     (``--gbn-steps``) with ``tp.pruner.BasePruner``, fine-tune; ``checkpoint:PATH`` = a whole pruned model
-     saved with ``torch.save(model)``, evaluated and pruned further; ``none`` = SWP on the baseline;
+     (``--gbn-steps``) with ``tp.pruner.BasePruner``, fine-tune; ``dcp`` = discrimination-aware channel pruning
+     (``swp_plugin.recipes.dcp.DCPPruner``: per stage, fine-tune with an auxiliary loss, greedy channel selection
+     per layer, removal through torch-pruning groups; ``--dcp-*``), fine-tune; ``checkpoint:PATH`` = a whole
+     pruned model saved with ``torch.save(model)``, evaluated and pruned further; ``none`` = SWP on the baseline;
   3. swp: ``StripePruner`` training with ``regularize`` (``--sr``, or ``auto``: the L1 push ``--push`` over
      the schedule; ``--renorm 1``, the cpu preset, keeps each filter's largest FS value at 1 during training,
      see ``swp_plugin.recipes.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import random
@@ -60,6 +64,7 @@ from swp_plugin.recipes.continual import (
     saved_model,
     sr_for_push,
 )
+from swp_plugin.recipes.dcp import DCPPruner, aux_criterion
 from swp_plugin.recipes.runner import StageRunner
 
 #: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
@@ -71,12 +76,14 @@ PRESETS = {
         schedule="cosine", weight_decay=1e-4, augment=False, epochs_baseline=8, epochs_sparse=3,
         slim_reg="auto", slim_push=0.25, gbn_steps=3, epochs_gbn_step=1, prune_ratio=0.4,
         epochs_first_finetune=3, sr="auto", renorm=1, push=None, threshold=0.05, epochs_swp=4, epochs_finetune=5,
+        dcp_ratio=0.3, dcp_aux=2, epochs_dcp_stage=1, dcp_batches=4,
     ),
     "paper": dict(
         model="vgg16_bn", width=1.0, subset=None, batch_size=64, lr=0.1, lr_finetune=0.1,
         schedule="step", weight_decay=1e-4, augment=True, epochs_baseline=160, epochs_sparse=160,
         slim_reg="1e-4", slim_push=None, gbn_steps=10, epochs_gbn_step=10, prune_ratio=0.5,
         epochs_first_finetune=160, sr="1e-5", renorm=0, push=None, threshold=0.05, epochs_swp=160, epochs_finetune=0,
+        dcp_ratio=0.3, dcp_aux=2, epochs_dcp_stage=20, dcp_batches=10,
     ),
 }
 
@@ -106,7 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--weight-decay", type=float, help="[preset]")
     t.add_argument("--epochs-baseline", type=int, help="[preset]")
     f = p.add_argument_group("first stage (torch-pruning)")
-    f.add_argument("--first", default="slimming", help="slimming, gbn, checkpoint:PATH or none (%(default)s)")
+    f.add_argument("--first", default="slimming", help="slimming, gbn, dcp, checkpoint:PATH or none (%(default)s)")
     f.add_argument("--prune-ratio", type=float, help="fraction of channels removed, global ranking [preset]")
     f.add_argument("--max-layer-ratio", type=float, default=0.9, help="at most this fraction of a layer")
     f.add_argument("--epochs-sparse", type=int, help="slimming: sparse training epochs [preset]")
@@ -114,6 +121,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--slim-push", type=float, help="slimming: total L1 push on BN scales when auto [preset]")
     f.add_argument("--gbn-steps", type=int, help="gbn: iterative pruning steps [preset]")
     f.add_argument("--epochs-gbn-step", type=int, help="gbn: epochs of training (scoring) per step [preset]")
+    f.add_argument("--dcp-ratio", type=float, help="dcp: fraction of each prunable layer's input channels removed "
+                                                   "[preset]")
+    f.add_argument("--dcp-aux", type=int, help="dcp: auxiliary losses (P; P + 1 stages) [preset]")
+    f.add_argument("--dcp-lambda", type=float, default=1.0, help="dcp: weight of the auxiliary loss in channel "
+                                                                 "selection (%(default)s)")
+    f.add_argument("--epochs-dcp-stage", type=int, help="dcp: fine-tuning with the auxiliary loss per stage [preset]")
+    f.add_argument("--dcp-batches", type=int, help="dcp: training batches for each layer's channel selection [preset]")
     f.add_argument("--epochs-first-finetune", type=int, help="fine-tuning after the first stage [preset]")
     s = p.add_argument_group("stripe-wise pruning")
     s.add_argument("--sr", help="L1 strength on the Filter Skeleton, a number or auto (from --push) [preset]")
@@ -145,8 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.latency_batches = [int(b) for b in str(args.latency_batches).split(",") if b]
     if args.push is None:
         args.push = 4.0 if args.renorm else 0.95
-    if args.first not in ("slimming", "gbn", "none") and not args.first.startswith("checkpoint:"):
-        p.error(f"--first must be slimming, gbn, checkpoint:PATH or none, got {args.first!r}")
+    if args.first not in ("slimming", "gbn", "dcp", "none") and not args.first.startswith("checkpoint:"):
+        p.error(f"--first must be slimming, gbn, dcp, checkpoint:PATH or none, got {args.first!r}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -296,6 +310,38 @@ def load_checkpoint(run: Run, path: str) -> nn.Module:
     return load_pruned_checkpoint(path, run.args.device)
 
 
+def dcp(run: Run, model: nn.Module) -> nn.Module:
+    """Discrimination-aware channel pruning: per stage, fine-tune with the stage's auxiliary loss, select each
+    layer's input channels greedily and remove the others (torch-pruning groups); fine-tune."""
+    args = run.args
+    pruner = DCPPruner(model, run.example, pruning_ratio=args.dcp_ratio, num_aux=args.dcp_aux, lam=args.dcp_lambda,
+                       **tp_options(model))
+    print(f"dcp: {len(pruner.units)} layers in {pruner.num_stages} stages, {args.epochs_dcp_stage} epoch(s) of "
+          f"final + auxiliary loss per stage, {100 * args.dcp_ratio:.0f}% of each layer's input channels removed "
+          f"(selection on {args.dcp_batches} batches), fine-tune {args.epochs_first_finetune} epochs")
+    for name, reason in pruner.skipped.items():
+        print(f"  not pruned: {name} ({reason})")
+    run.start()
+    selection = 0.0
+    for p in range(pruner.num_stages):
+        run.train(pruner.aux_model(p), args.epochs_dcp_stage, args.lr_finetune, f"dcp stage {p + 1}",
+                  criterion=aux_criterion)
+        batches = [(x.to(args.device), y.to(args.device)) for x, y in itertools.islice(run.train_loader,
+                                                                                      args.dcp_batches)]
+        begin = time.time()
+        kept = pruner.prune_stage(p, batches)
+        selection += time.time() - begin
+        macs, _ = count_ops_and_params(model, run.example)
+        print(f"  dcp stage {p + 1}/{pruner.num_stages}: " + ", ".join(f"{n} {k}/{c}" for n, k, c in kept)
+              + f" input channels; {macs / 1e6:.2f}M MACs ({time.time() - begin:.0f}s selection)")
+    acc_pruned = run.accuracy(model)
+    print(f"  after pruning: {acc_pruned:.2f}% (before fine-tuning)")
+    run.train(model, args.epochs_first_finetune, args.lr_finetune, "dcp finetune")
+    stage = run.record("dcp", model, pruner.num_stages * args.epochs_dcp_stage + args.epochs_first_finetune)
+    stage.update({"accuracy_before_finetune": acc_pruned, "selection_seconds": round(selection, 1)})
+    return model
+
+
 def from_checkpoint(run: Run, path: str) -> nn.Module:
     run.start()
     model = load_checkpoint(run, path)
@@ -428,6 +474,8 @@ def _main(args: argparse.Namespace, argv) -> dict:
             model = slimming(run, model)
         elif args.first == "gbn":
             model = gbn(run, model)
+        elif args.first == "dcp":
+            model = dcp(run, model)
     model = swp(run, model)
 
     deployed_latency(run)

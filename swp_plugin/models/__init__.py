@@ -4,10 +4,12 @@ from typing import Callable, Dict
 
 import torch.nn as nn
 
-from .cifar import VGG, CifarResNet, resnet20, resnet56, vgg16_bn
+from .cifar import VGG, CifarResNet, resnet20, resnet56, vgg16_bn, vgg19_bn
 
 #: name -> constructor of the networks shipped here (timm models are reached through timm's registry).
-MODELS: Dict[str, Callable[..., nn.Module]] = {"vgg16_bn": vgg16_bn, "resnet56": resnet56, "resnet20": resnet20}
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "vgg16_bn": vgg16_bn, "vgg19_bn": vgg19_bn, "resnet56": resnet56, "resnet20": resnet20,
+}
 
 
 def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
@@ -21,4 +23,4 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) 
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-__all__ = ["MODELS", "CifarResNet", "VGG", "create_model", "resnet20", "resnet56", "vgg16_bn"]
+__all__ = ["MODELS", "CifarResNet", "VGG", "create_model", "resnet20", "resnet56", "vgg16_bn", "vgg19_bn"]

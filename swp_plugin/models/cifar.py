@@ -1,4 +1,5 @@
-"""The paper's CIFAR networks: VGG16-BN and ResNet56 (any depth 6n+2), with ``in_chans`` and a width knob.
+"""The paper's CIFAR networks: VGG16-BN, VGG19-BN and ResNet56 (any depth 6n+2), with ``in_chans`` and a width
+knob.
 
 Initialisation follows the reference code: BatchNorm weights 0.5, classifier weights N(0, 0.01).
 """
@@ -11,6 +12,9 @@ import torch
 import torch.nn as nn
 
 VGG16_CFG: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+VGG19_CFG: List[Union[int, str]] = [
+    64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512,
+]
 
 
 def _init(model: nn.Module) -> None:
@@ -117,6 +121,11 @@ class CifarResNet(nn.Module):
 def vgg16_bn(num_classes: int = 10, in_chans: int = 3, width: float = 1.0) -> VGG:
     """The paper's VGG16 (CIFAR variant, BatchNorm)."""
     return VGG(VGG16_CFG, num_classes=num_classes, in_chans=in_chans, width=width)
+
+
+def vgg19_bn(num_classes: int = 10, in_chans: int = 3, width: float = 1.0) -> VGG:
+    """VGG19 (CIFAR variant, BatchNorm), the net of the paper's DCP row (Table 3)."""
+    return VGG(VGG19_CFG, num_classes=num_classes, in_chans=in_chans, width=width)
 
 
 def resnet56(num_classes: int = 10, in_chans: int = 3, width: float = 1.0) -> CifarResNet:

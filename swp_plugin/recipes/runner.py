@@ -60,9 +60,10 @@ class StageRunner:
         return epochs * len(self.train_loader)
 
     def train(self, model: nn.Module, epochs: int, lr: float, desc: str, after_backward: Callable | None = None,
-              after_step: Callable | None = None, after_epoch: Callable | None = None, log: bool = False):
-        """``epochs`` epochs of SGD at ``lr`` with the runner's schedule (see :func:`~.training.fit`); ``log``
-        prints each epoch's loss."""
+              after_step: Callable | None = None, after_epoch: Callable | None = None, log: bool = False,
+              criterion: Callable | None = None):
+        """``epochs`` epochs of SGD at ``lr`` with the runner's schedule (see :func:`~.training.fit`, also for
+        ``criterion``); ``log`` prints each epoch's loss."""
         def epoch_done(epoch: int, loss: float) -> None:
             if log:
                 print(f"  {desc} epoch {epoch + 1}/{epochs}: loss {loss:.3f}", flush=True)
@@ -71,7 +72,7 @@ class StageRunner:
 
         return fit(model, self.train_loader, epochs, lr, schedule=self.schedule, weight_decay=self.weight_decay,
                    after_backward=after_backward, after_epoch=epoch_done, after_step=after_step, device=self.device,
-                   desc=desc, progress=self.progress)
+                   desc=desc, progress=self.progress, criterion=criterion)
 
     def accuracy(self, model: nn.Module) -> float:
         """Top-1 test accuracy (%)."""

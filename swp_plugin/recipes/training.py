@@ -22,15 +22,17 @@ def train_epoch(
     desc: str = "train",
     progress: bool = True,
     after_step: Callable[[], None] | None = None,
+    criterion: Callable[..., torch.Tensor] | None = None,
 ) -> float:
-    """One epoch of cross-entropy training; ``after_backward`` runs between backward and step
-    (``pruner.regularize``), ``after_step`` after each optimizer step; ``scheduler`` steps after every
-    optimizer step. Returns the mean loss."""
+    """One epoch of training on ``criterion(model(x), y)`` (default cross-entropy); ``after_backward`` runs
+    between backward and step (``pruner.regularize``), ``after_step`` after each optimizer step; ``scheduler``
+    steps after every optimizer step. Returns the mean loss."""
+    criterion = F.cross_entropy if criterion is None else criterion
     model.train()
     total, count = 0.0, 0
     for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
         x, y = x.to(device), y.to(device)
-        loss = F.cross_entropy(model(x), y)
+        loss = criterion(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:
@@ -126,8 +128,10 @@ def fit(
     desc: str = "train",
     progress: bool = True,
     after_step: Callable[[torch.optim.Optimizer], None] | None = None,
+    criterion: Callable[..., torch.Tensor] | None = None,
 ) -> List[float]:
-    """``epochs`` epochs of SGD (a fresh optimizer and per-step schedule, see :func:`make_scheduler`).
+    """``epochs`` epochs of SGD (a fresh optimizer and per-step schedule, see :func:`make_scheduler`) on
+    ``criterion(model(x), y)`` (default cross-entropy; e.g. a model with auxiliary outputs and its loss).
 
     ``after_backward`` runs between backward and the optimizer step (``pruner.regularize``);
     ``after_step(optimizer)`` after each optimizer step; ``after_epoch(epoch, loss)`` after each epoch.
@@ -141,7 +145,8 @@ def fit(
     for epoch in range(epochs):
         loss = train_epoch(model, loader, optimizer, after_backward=after_backward, scheduler=scheduler,
                            device=device, desc=f"{desc} {epoch + 1}/{epochs}", progress=progress,
-                           after_step=(lambda: after_step(optimizer)) if after_step is not None else None)
+                           after_step=(lambda: after_step(optimizer)) if after_step is not None else None,
+                           criterion=criterion)
         losses.append(loss)
         if after_epoch is not None:
             after_epoch(epoch, loss)
