@@ -38,7 +38,15 @@ from .channels import fed_norms, plan_channel_removal, record_input_amax
 from .functions import customized_pruners, torch_pruning_kwargs
 from .graph import build_graph, flat_outputs, run_model, run_with_hooks, time_limit
 from .importance import StripeImportance
-from .target import kill_masks, ranked_candidates, search_kill_count, stripe_scores, unit_scores
+from .target import (
+    SCORES,
+    batchnorm_gains,
+    kill_masks,
+    ranked_candidates,
+    search_kill_count,
+    stripe_scores,
+    unit_scores,
+)
 
 #: torch-pruning options used to trace the graph; the others of BasePruner are kept in ``pruner.options``.
 _GRAPH_OPTIONS = ("forward_fn", "output_transform", "unwrapped_parameters", "customized_pruners")
@@ -106,6 +114,9 @@ class StripePruner(tp.pruner.BasePruner):
         verify: ``step()`` checks that outputs do not change (``max|diff| <= tolerance * max|y|``;
             default tolerance by dtype: 1e-4 for fp32, 1e-2 fp16, 5e-2 bf16).
         graph_timeout: seconds allowed for each DependencyGraph build/analysis (main thread only).
+        score: stripe ranking of a target (``macs_reduction`` / ``params_reduction``): ``'fs'`` =
+            ``|FS| * ||W_stripe||``; ``'fs_bn'`` = that times the gain ``|gamma| / sqrt(running_var + eps)`` of
+            the BatchNorm the filter feeds (measured better in ``docs/results.md``'s granularity ablation).
         **kwargs: other ``tp.pruner.BasePruner`` options (``forward_fn``, ``output_transform``,
             ``customized_pruners``, ``unwrapped_parameters``, ...), kept in ``pruner.options``.
 
@@ -129,9 +140,13 @@ class StripePruner(tp.pruner.BasePruner):
         verify: bool = True,
         tolerance: float | None = None,
         graph_timeout: float | None = 120.0,
+        score: str = "fs",
         **kwargs,
     ) -> None:
         self.sr = _check_number("sr", sr)
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        self.score = score
         given = (("macs", macs_reduction), ("params", params_reduction))
         targets = [(m, _check_fraction(f"{m}_reduction", r)) for m, r in given if r is not None]
         if len(targets) > 1:
@@ -421,7 +436,11 @@ class StripePruner(tp.pruner.BasePruner):
         modules = self._modules_by_name
         fs = [self._skeleton(n) for n in self._names]
         weights = [skeleton_input(modules[n]) for n in self._names]
-        scores = stripe_scores([f.skeleton for f in fs], weights, [f.alive for f in fs])
+        gains = None
+        if self.score == "fs_bn":  # the BatchNorm each conv feeds (the one whose weight a dead filter masks)
+            norms = [[modules[m] for m, t in self._mask_targets[n] if t == "weight"] for n in self._names]
+            gains = batchnorm_gains([modules[n] for n in self._names], [b[0] if len(b) == 1 else None for b in norms])
+        scores = stripe_scores([f.skeleton for f in fs], weights, [f.alive for f in fs], gains)
         costs = self._stripe_costs(metric)
         units = self._kill_units()
         if units is not None:  # coarser granularity: rank and kill groups of stripes
