@@ -66,9 +66,9 @@ PRESETS = {
                   epochs_sparse=4, epochs_finetune=2, targets="0.3,0.5,0.7", seeds="0,1,2", gradual=4,
                   paper_pushes="0.9,0.95,1.0", methods=f"{MAIN_METHODS},{VARIANTS}"),
     # CPU, a few hours on one shared core at low priority: all 60 000 images, 2-3x the quick schedule, one seed
-    "medium": dict(nets="resnet20", width=0.5, subset=0, test_subset=0, batch_size=128, epochs_baseline=8,
+    "medium": dict(nets="resnet20", width=0.5, subset=0, test_subset=0, batch_size=128, epochs_baseline=6,
                    epochs_sparse=3, epochs_finetune=2, targets="0.5,0.7", seeds="0", gradual=3,
-                   paper_pushes="0.95,1.0", methods="swp,swp_paper,l1_filter,slimming,swp:score=fs:gradual=0"),
+                   paper_pushes="0.95,1.0", methods="swp,swp_paper,l1_filter,slimming"),
     # GPU: the paper's nets at full width, all 60 000 images
     "full": dict(nets="resnet56,vgg16_bn", width=1.0, subset=0, test_subset=0, batch_size=64, epochs_baseline=60,
                  epochs_sparse=30, epochs_finetune=30, targets="0.3,0.4,0.5,0.6,0.7,0.8", seeds="0", gradual=5,

@@ -170,7 +170,7 @@ def paper_table(rows: Sequence[dict], net: str) -> str:
 
 
 def latency_table(rows: Sequence[dict], net: str) -> str:
-    """Per method and point: MACs, params, latency at batch 1 and 64 (means over seeds), speed-up."""
+    """Per main method and point: MACs, params, latency at batch 1 and 64 (means over seeds), speed-up."""
     g = groups(rows, net)
     base = g.get(("baseline", ("target", 0.0)), {})
     b1 = mean_sd([r["latency_b1_ms"] for r in base.values()])[0]
@@ -179,8 +179,9 @@ def latency_table(rows: Sequence[dict], net: str) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |",
              f"| baseline | | {_mean(base, 'macs') / 1e6:.2f} | {_mean(base, 'params') / 1e6:.3f} | {b1:.3f} | "
              f"{b64:.2f} | 1.00 / 1.00 |"]
+    shown = _methods(rows) + _methods(rows, paper=True)
     for (method, (kind, value)), seeds in sorted(g.items(), key=lambda kv: (kv[0][1][0], kv[0][1][1], kv[0][0])):
-        if method == "baseline":
+        if method not in shown:
             continue
         l1, l64 = _mean(seeds, "latency_b1_ms"), _mean(seeds, "latency_b64_ms")
         where = f"-{100 * value:.0f}% MACs" if kind == "target" else f"push {value:g}"
@@ -194,23 +195,22 @@ def _mean(seeds: Dict[int, dict], key: str) -> float:
 
 
 def equal_latency(rows: Sequence[dict], net: str, key: str) -> List[str]:
-    """Each stripe point against the filter pruners' curve (seed means, baseline included) at its latency."""
+    """Each SWP point (target-driven and paper mode) against each filter pruner's curve (seed means, baseline
+    included, linear in latency) at the SWP model's latency."""
     g, lines = groups(rows, net), []
-    base = g.get(("baseline", ("target", 0.0)), {})
-    for other in FILTERS:
+    stripes = [m for m in _methods(rows) + _methods(rows, paper=True) if parse_spec(m).base in ("swp", "swp_paper")]
+    for other in [m for m in FILTERS if m in _methods(rows)]:
         curve = [{key: _mean(s, key), "accuracy": _mean(s, "accuracy")} for (m, _), s in g.items()
-                 if m in (other, "baseline") and s]
-        if not any(m == other for m, _ in g):
-            continue
+                 if m in (other, "baseline")]
         for (method, (kind, value)), seeds in sorted(g.items(), key=lambda kv: (kv[0][0], kv[0][1][1])):
-            if parse_spec(method).base not in ("swp", "swp_paper") if method != "baseline" else True:
+            if method not in stripes:
                 continue
-            at = interpolate(curve, _mean(seeds, key), key)
+            mine, accuracy = _mean(seeds, key), _mean(seeds, "accuracy")
+            at = interpolate(curve, mine, key)
             where = f"-{100 * value:.0f}% MACs" if kind == "target" else f"push {value:g}"
-            if at is not None:
-                lines.append(f"- {label(method)} {where}: {_mean(seeds, key):.3f} ms, {_mean(seeds, 'accuracy'):.2f}%;"
-                             f" {label(other)} at that latency {at:.2f}% ({_mean(seeds, 'accuracy') - at:+.2f})")
-    return lines if base else []
+            lines.append(f"- {label(method)} {where}: {mine:.3f} ms, {accuracy:.2f}%; {label(other)} at that latency: "
+                         + (f"{at:.2f}% ({accuracy - at:+.2f})" if at is not None else "outside its latency range"))
+    return lines
 
 
 def layer_table(rows: Sequence[dict], net: str, target: float, methods: Sequence[str]) -> str:
@@ -380,7 +380,7 @@ def section(results: Dict[str, dict]) -> str:
                           latency_table(rows, net), "", "At equal latency (the filter pruner's accuracy interpolated "
                           "at the stripe model's latency, seed means):", ""]
                 for key in ("latency_b1_ms", "latency_b64_ms"):
-                    parts += [f"batch {key[9:-3]}:", ""] + (equal_latency(rows, net, key) or ["- none in range"]) + [""]
+                    parts += [f"batch {key[9:-3]}:", ""] + equal_latency(rows, net, key) + [""]
     return "\n".join(parts + [END]) + "\n"
 
 
