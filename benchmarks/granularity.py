@@ -43,7 +43,7 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import granularity_report as report  # noqa: E402
-from granularity_methods import parse_spec, run_method  # noqa: E402
+from granularity_methods import parse_spec, points_of, run_method  # noqa: E402
 
 import swp_plugin  # noqa: E402
 from swp_plugin import StripeConv2d  # noqa: E402
@@ -57,8 +57,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 MAIN_METHODS = "swp,swp_paper,shape,group_lasso,l1_filter,slimming"
 #: the ablation: SWP variants (options over the defaults) run beside the main methods, same baselines;
 #: the first is the configuration of issue 8 (one shot, score fs)
-VARIANTS = ("swp:score=fs:gradual=0,swp:score=fs,swp:gradual=0,swp:score=fs:gradual=0:push=2,"
-            "swp:score=fs:gradual=0:push=8,swp:score=fs:gradual=0:epochs=8,swp:score=fs:gradual=0:renorm=0:push=0.9")
+VARIANTS = ("swp:score=fs:gradual=0,swp:score=fs:at=0.7,swp:gradual=0:at=0.7,swp:score=fs:gradual=0:push=8:at=0.7,"
+            "swp:score=fs:gradual=0:epochs=8:at=0.7,swp:score=fs:gradual=0:renorm=0:push=0.9:at=0.7")
 
 PRESETS = {
     # CPU, ~15 min per seed on one core: one small ResNet, 8 000 images
@@ -225,12 +225,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[dict]:
             print(f"[seed {seed}] {net} baseline: {rows[-1]['accuracy']:.2f}%, {macs / 1e6:.2f}M MACs", flush=True)
         for method in args.methods:
             spec = parse_spec(method)
-            points = ([{"push": p} for p in args.paper_pushes] if spec.base == "swp_paper"
-                      else [{"target": t} for t in args.targets])
-            if all((net, method, pt.get("target"), pt.get("push")) in done for pt in points):
+            key = "push" if spec.base == "swp_paper" else "target"
+            todo = [p for p in points_of(args, spec) if (net, method, *((None, p) if key == "push" else (p, None)))
+                    not in done]
+            if not todo:
                 continue
             start = time.time()
-            for point, pruned, info in run_method(bench, baseline, spec):
+            for point, pruned, info in run_method(bench, baseline, spec, todo):
                 pruned = dense_backend(pruned)
                 macs, params = bench.counts(pruned)
                 acc_pruned = bench.accuracy(pruned)
@@ -291,10 +292,12 @@ def _deployed(model: nn.Module, example: torch.Tensor) -> nn.Module:
 
 
 def latency(args: argparse.Namespace, result: dict) -> None:
-    """Time every saved model of ``result`` side by side, batch 1 and 64; fields ``latency_b*_ms`` in its rows."""
+    """Time the saved models of ``result`` (baselines and main methods, not the ablation's variants) side by side,
+    batch 1 and 64; fields ``latency_b1_ms`` / ``latency_b64_ms`` in their rows."""
     a, out = result["args"], Path(args.models_dir)
     for net in dict.fromkeys(r["net"] for r in result["results"]):
-        rows = [r for r in result["results"] if r["net"] == net and (out / r["model"]).exists()]
+        rows = [r for r in result["results"] if r["net"] == net and (out / r["model"]).exists()
+                and (r["method"] == "baseline" or not parse_spec(r["method"]).options)]  # not the ablation's
         for batch, repeats in ((1, 3 * args.latency_repeats), (64, args.latency_repeats)):
             example = torch.randn(batch, 1, 28, 28)
             with torch.no_grad():

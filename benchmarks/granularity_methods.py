@@ -50,12 +50,13 @@ OPTIONS: Dict[str, Tuple[str, Callable]] = {
     "epochs": ("sparse-training epochs", int),
     "cap": ("at most this fraction of a layer's stripes / channels pruned", float),
     "thr": ("threshold of the paper mode", float),
+    "at": ("only this MACs target (an ablation at the strongest target)", float),
 }
-READS = {"swp": {"push", "renorm", "gradual", "score", "epochs", "cap"},
-         "shape": {"push", "renorm", "gradual", "score", "epochs", "cap"},
+READS = {"swp": {"push", "renorm", "gradual", "score", "epochs", "cap", "at"},
+         "shape": {"push", "renorm", "score", "epochs", "cap", "at"},
          "swp_paper": {"renorm", "epochs", "thr"},
-         "group_lasso": {"push", "epochs", "cap", "score"}, "l1_filter": {"epochs"},
-         "slimming": {"push", "epochs", "cap"}}
+         "group_lasso": {"push", "epochs", "cap", "score", "at"}, "l1_filter": {"epochs", "at"},
+         "slimming": {"push", "epochs", "cap", "at"}}
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def skeleton_method(bench, baseline: nn.Module, spec: Spec, targets: List[float]
     cls = ShapeWisePruner if spec.base == "shape" else StripePruner
     lr, epochs, cap = bench.args.lr, _get(bench, spec, "epochs"), _get(bench, spec, "cap")
     sr = sr_for_push(_get(bench, spec, "push"), lr, bench.steps(epochs))
-    steps, score = _get(bench, spec, "gradual"), _get(bench, spec, "score")
+    steps, score = (_get(bench, spec, "gradual") if spec.base == "swp" else 0), _get(bench, spec, "score")
     if steps and steps > 1:  # one sparse training per target, stripes killed in `steps` steps along it
         for target in targets:
             model = copy.deepcopy(baseline)
@@ -228,8 +229,14 @@ FUNCTIONS = {"swp": skeleton_method, "shape": skeleton_method, "swp_paper": swp_
              "l1_filter": l1_filter, "slimming": slimming}
 
 
-def run_method(bench, baseline: nn.Module, spec: Spec) -> Iterator[Yield]:
-    """The pruned models of ``spec`` from ``baseline`` (its points: the benchmark's targets, or pushes)."""
-    points = bench.args.paper_pushes if spec.base == "swp_paper" else bench.args.targets
+def points_of(args, spec: Spec) -> List[float]:
+    """The points of ``spec``: the paper mode's pushes, else the MACs targets (only ``at`` if given)."""
+    if spec.base == "swp_paper":
+        return list(args.paper_pushes)
+    return [spec.options["at"]] if "at" in spec.options else list(args.targets)
+
+
+def run_method(bench, baseline: nn.Module, spec: Spec, points: List[float]) -> Iterator[Yield]:
+    """The pruned models of ``spec`` from ``baseline`` at ``points`` (targets, or pushes for the paper mode)."""
     torch.manual_seed(bench.seed)
     return FUNCTIONS[spec.base](bench, baseline, spec, list(points))

@@ -98,6 +98,12 @@ def _methods(rows: Sequence[dict], paper: bool = False) -> List[str]:
     return [m for m in seen if (parse_spec(m).base == "swp_paper") == paper and not parse_spec(m).options]
 
 
+def has_latency(rows: Sequence[dict]) -> bool:
+    """Whether every baseline and main-method row (the ones ``--latency-only`` times) has its latency."""
+    timed = {"baseline", *_methods(rows), *_methods(rows, paper=True)}
+    return all("latency_b1_ms" in r for r in rows if r["method"] in timed)
+
+
 def _variants(rows: Sequence[dict]) -> List[str]:
     """The ablation's variants: specs with options, in run order."""
     return [m for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline") if parse_spec(m).options]
@@ -240,7 +246,7 @@ def plot(result: dict, path: str | os.PathLike, title: str) -> None:
     rows = result["results"]
     net = rows[0]["net"]
     axes_keys = [("macs", "MACs (M) per 28x28 image", 1e-6)]
-    if all("latency_b1_ms" in r for r in rows):
+    if has_latency(rows):
         axes_keys += [("latency_b1_ms", "CPU latency, batch 1 (ms)", 1.0), ("latency_b64_ms",
                                                                                "CPU latency, batch 64 (ms)", 1.0)]
     fig, axes = plt.subplots(1, len(axes_keys), figsize=(6 * len(axes_keys), 4.8), squeeze=False)
@@ -375,7 +381,7 @@ def section(results: Dict[str, dict]) -> str:
                 parts += ["The paper's SWP (threshold during training, `step()` without a target) per push, and "
                           "the target-driven methods' accuracy at its MACs (linear interpolation between their "
                           "targets, per seed):", "", paper_table(rows, net), ""]
-            if all("latency_b1_ms" in r for r in rows):
+            if has_latency(rows):
                 parts += ["Latency (means over seeds; every saved model timed side by side):", "",
                           latency_table(rows, net), "", "At equal latency (the filter pruner's accuracy interpolated "
                           "at the stripe model's latency, seed means):", ""]
