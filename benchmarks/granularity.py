@@ -237,6 +237,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[dict]:
                 acc_pruned = bench.accuracy(pruned)
                 restore_filter_norms(pruned, bench.example, norms)
                 torch.manual_seed(seed)
+                bench.train_loader.generator.manual_seed(seed)
                 bench.train(pruned, args.epochs_finetune, args.lr_finetune, f"{method} {point} finetune")
                 record = {"method": method, "seed": seed, "net": net, "target": point.get("target"),
                           "macs": macs, "params": params, "accuracy": bench.accuracy(pruned),

@@ -238,5 +238,6 @@ def points_of(args, spec: Spec) -> List[float]:
 
 def run_method(bench, baseline: nn.Module, spec: Spec, points: List[float]) -> Iterator[Yield]:
     """The pruned models of ``spec`` from ``baseline`` at ``points`` (targets, or pushes for the paper mode)."""
-    torch.manual_seed(bench.seed)
+    torch.manual_seed(bench.seed)  # each method sees the same randomness, whatever ran before it (or --resume)
+    bench.train_loader.generator.manual_seed(bench.seed)
     return FUNCTIONS[spec.base](bench, baseline, spec, list(points))
