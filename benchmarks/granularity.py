@@ -64,7 +64,7 @@ PRESETS = {
     # CPU, ~15 min per seed on one core: one small ResNet, 8 000 images
     "quick": dict(nets="resnet20", width=0.5, subset=8000, test_subset=0, batch_size=64, epochs_baseline=6,
                   epochs_sparse=4, epochs_finetune=2, targets="0.3,0.5,0.7", seeds="0,1,2", gradual=4,
-                  paper_pushes="0.9,0.95,1.0", methods=f"{MAIN_METHODS},{VARIANTS}"),
+                  paper_pushes="0.95,0.975,1.0", methods=f"{MAIN_METHODS},{VARIANTS}"),
     # CPU, a few hours on one shared core at low priority: all 60 000 images, 2-3x the quick schedule, one seed
     "medium": dict(nets="resnet20", width=0.5, subset=0, test_subset=0, batch_size=128, epochs_baseline=6,
                    epochs_sparse=3, epochs_finetune=2, targets="0.5,0.7", seeds="0", gradual=3,
@@ -278,6 +278,9 @@ def run(args: argparse.Namespace, argv: List[str]) -> dict:
                 ["results"]]
     else:
         rows = [r for seed in args.seeds for r in run_seed(args, seed)]
+    wanted = {(m, p) for m in args.methods for p in points_of(args, parse_spec(m))}
+    rows = [r for r in rows if r["method"] == "baseline"  # only this run's methods and points (not older ones)
+            or (r["method"], r["push"] if r.get("push") is not None else r["target"]) in wanted]
     command = "python benchmarks/granularity.py " + " ".join(shlex.quote(a) for a in argv if a != "--resume")
     return {"results": rows, "total_seconds": round(time.time() - begin, 1), "threads": torch.get_num_threads(),
             "command": command.strip(), "args": {k: v for k, v in vars(args).items() if k not in (

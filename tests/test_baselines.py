@@ -126,12 +126,15 @@ def _bench():
 
 def test_method_specs_and_paired_verdicts():
     _bench()  # puts benchmarks/ on sys.path
-    from granularity_methods import parse_spec
+    from granularity_methods import parse_spec, points_of
     from granularity_report import compare, interpolate
 
     spec = parse_spec("swp:push=8:gradual=4")
     assert spec.base == "swp" and spec.options == {"push": 8.0, "gradual": 4} and parse_spec(spec.name) == spec
-    for bad in ("swq", "l1_filter:push=2", "swp:push", "swp:score=bn"):
+    args = type("Args", (), {"targets": [0.3, 0.7], "paper_pushes": [0.95]})()
+    assert points_of(args, parse_spec("swp:at=0.7")) == [0.7] and points_of(args, parse_spec("swp")) == [0.3, 0.7]
+    assert points_of(args, parse_spec("swp_paper")) == [0.95]
+    for bad in ("swq", "l1_filter:push=2", "swp:push", "swp:score=bn", "shape:gradual=2"):
         with pytest.raises(ValueError):
             parse_spec(bad)
     assert compare({0: 80.0, 1: 81.0, 2: 82.0}, {0: 79.0, 1: 80.1, 2: 80.9})[0] == "beats"
