@@ -124,29 +124,61 @@ def _bench():
     return module
 
 
+def test_method_specs_and_paired_verdicts():
+    _bench()  # puts benchmarks/ on sys.path
+    from granularity_methods import parse_spec, points_of
+    from granularity_report import compare, interpolate
+
+    spec = parse_spec("swp:push=8:gradual=4")
+    assert spec.base == "swp" and spec.options == {"push": 8.0, "gradual": 4} and parse_spec(spec.name) == spec
+    args = type("Args", (), {"targets": [0.3, 0.7], "paper_pushes": [0.95]})()
+    assert points_of(args, parse_spec("swp:at=0.7")) == [0.7] and points_of(args, parse_spec("swp")) == [0.3, 0.7]
+    assert points_of(args, parse_spec("swp_paper")) == [0.95]
+    for bad in ("swq", "l1_filter:push=2", "swp:push", "swp:score=bn", "shape:gradual=2"):
+        with pytest.raises(ValueError):
+            parse_spec(bad)
+    assert compare({0: 80.0, 1: 81.0, 2: 82.0}, {0: 79.0, 1: 80.1, 2: 80.9})[0] == "beats"
+    assert compare({0: 80.0, 1: 81.0, 2: 82.0}, {0: 81.0, 1: 80.0, 2: 82.5})[0] == "ties"
+    assert compare({0: 70.0, 1: 71.0}, {0: 71.0, 1: 73.0})[0] == "ties"  # 2 seeds: t = 3, under 12.7
+    assert compare({0: 70.0, 1: 71.0}, {0: 71.0, 1: 72.1})[0] == "loses to"  # t = 21
+    assert compare({0: 70.0}, {0: 71.0})[0] == "single seed"
+    rows = [{"macs_reduction": 0.3, "accuracy": 88.0}, {"macs_reduction": 0.7, "accuracy": 84.0}]
+    assert interpolate(rows, 0.5) == pytest.approx(86.0) and interpolate(rows, 0.8) is None
+
+
 @needs_data
 def test_granularity_benchmark_tiny(tmp_path):
     bench = _bench()
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\n## Another section\n\nkept\n")
+    out = tmp_path / "granularity_quick.json"
     argv = ["--quick", "--subset", "256", "--test-subset", "256", "--width", "0.25", "--epochs-baseline", "1",
-            "--epochs-sparse", "1", "--epochs-finetune", "1", "--targets", "0.3,0.6", "--threads", "1",
-            "--no-progress", "--json", str(tmp_path / "g.json"), "--png", str(tmp_path / "g.png"), "--doc", str(doc)]
+            "--epochs-sparse", "1", "--epochs-finetune", "1", "--targets", "0.3,0.6", "--seeds", "0,1", "--threads",
+            "1", "--no-progress", "--methods", "swp,swp:gradual=2:score=fs,swp_paper,shape,group_lasso,l1_filter,"
+            "slimming", "--paper-pushes", "0.95", "--json", str(out), "--doc", str(doc)]
     result = bench.main(argv)
-    written = json.loads((tmp_path / "g.json").read_text())
+    written = json.loads(out.read_text())
     assert written["results"] == json.loads(json.dumps(result["results"]))
     rows = written["results"]
-    assert {r["method"] for r in rows} == {"baseline", *bench.METHODS}
+    methods = {"baseline", "swp", "swp:gradual=2:score=fs", "swp_paper", "shape", "group_lasso", "l1_filter",
+               "slimming"}
+    assert {r["method"] for r in rows} == methods and {r["seed"] for r in rows} == {0, 1}
+    assert len(rows) == 2 * (1 + 6 * 2 + 1)
     base = rows[0]
     for r in rows:
-        assert {"method", "net", "macs", "params", "accuracy"} <= set(r) and r["net"] == "resnet20"
+        assert {"method", "seed", "net", "macs", "params", "accuracy", "model"} <= set(r) and r["net"] == "resnet20"
         assert 0 <= r["accuracy"] <= 100 and r["params"] > 0
-        if r["method"] != "baseline":
+        assert (tmp_path / "granularity_quick_models" / r["model"]).exists()
+        if r["method"] not in ("baseline", "swp_paper"):
             assert abs(r["macs_reduction"] - r["target"]) <= 0.05 and r["macs"] < base["macs"]
-    assert (tmp_path / "g.png").stat().st_size > 0
     text = doc.read_text()
-    assert "## Another section\n\nkept" in text and text.count(bench.SECTION_TITLE) == 1
-    assert "vs L1 filter: SWP" in text and "| -60% |" in text
-    bench.main(argv)  # a rerun replaces the section, keeps the rest
+    assert "## Another section\n\nkept" in text and text.count(bench.report.SECTION_TITLE) == 1
+    assert "vs L1 filter: SWP" in text and "| -60% |" in text and "SWP paper (threshold), 0.95" in text
+    assert (tmp_path / "granularity_quick.png").stat().st_size > 0
+    # latency of every saved model, side by side, then the doc again (a rerun replaces the section)
+    bench.main(argv + ["--latency-only", "--latency-repeats", "2"])
+    timed = json.loads(out.read_text())
+    main = [r for r in timed["results"] if r["method"] != "swp:gradual=2:score=fs"]  # variants are not timed
+    assert all(r["latency_b1_ms"] > 0 and r["latency_b64_ms"] > 0 for r in main)
     again = doc.read_text()
-    assert again.count(bench.SECTION_TITLE) == 1 and again.count(bench.BEGIN) == 1 and "kept" in again
+    assert again.count(bench.report.BEGIN) == 1 and "kept" in again and "speed-up b1 / b64" in again

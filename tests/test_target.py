@@ -11,6 +11,7 @@ import swp_plugin
 from swp_plugin import StripeConv2d, StripePruner, count_ops_and_params
 from swp_plugin.cli import main as cli
 from swp_plugin.models import resnet20, resnet56, vgg16_bn
+from swp_plugin.pruning.target import batchnorm_gains
 
 
 def _net(name, width=1.0):
@@ -64,6 +65,35 @@ def test_max_pruning_ratio_caps_every_layer():
     for m in model.modules():
         if isinstance(m, StripeConv2d) and m.kernel_size == (3, 3):
             assert m.num_stripes >= 0.6 * m.out_channels * 9 - 1
+
+
+@pytest.mark.parametrize("score", ["fs", "fs_bn"])
+def test_fs_bn_score_kills_filters_the_batchnorm_scales_down_first(score):
+    torch.manual_seed(0)
+    model = resnet20(width=0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model.layers[0].bn1.weight[:4] = 1e-3  # half of the block's internal channels nearly switched off
+    pruner = StripePruner(model, x, macs_reduction=0.3, score=score, ignored_layers=[model.fc])
+    pruner.step()
+    kept = model.layers[0].conv1.out_channels
+    assert kept <= 4 if score == "fs_bn" else kept == 8  # 'fs' ignores the BatchNorm, 'fs_bn' removes them
+
+
+def test_batchnorm_gains_shapes():
+    conv, bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, -2.0, 0.0, 0.5]))
+        bn.running_var.fill_(4.0 - bn.eps)
+    gain = batchnorm_gains([conv], [bn])[0]
+    assert gain.shape == (4, 1, 1) and torch.allclose(gain.flatten(), torch.tensor([0.5, 1.0, 0.0, 0.25]))
+    stripe = StripeConv2d.from_dense(conv, torch.tensor([[[1, 0, 0]] * 3, [[0, 1, 0]] * 3, [[0] * 3] * 3,
+                                                         [[1, 1, 1]] * 3], dtype=torch.bool))
+    per_stripe = batchnorm_gains([stripe], [bn])[0]
+    assert torch.equal(per_stripe, gain.flatten()[stripe.stripe_out])
+    assert batchnorm_gains([conv], [None]) == [None]
+    with pytest.raises(ValueError, match="score must be one of"):
+        StripePruner(resnet20(width=0.25), torch.randn(1, 3, 32, 32), macs_reduction=0.5, score="bn")
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
+from .target import SCORES
+
 #: Default exactness tolerance of step() (max|diff| / max|y|) by parameter dtype.
 DEFAULT_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
@@ -78,6 +80,7 @@ class PrunerOptions:
     tolerance: float = 1e-4
     verify: bool = True
     graph_timeout: float | None = 120.0
+    score: str = "fs"
     graph_options: Dict = field(default_factory=dict)
     ignored_layers: List[nn.Module] = field(default_factory=list)
     ignored_params: List[nn.Parameter] = field(default_factory=list)
@@ -88,7 +91,7 @@ class PrunerOptions:
 
 
 def parse_options(model: nn.Module, sr, threshold, macs_reduction, params_reduction, importance, verify, tolerance,
-                  graph_timeout, ignored_layers: Sequence | None, options: Dict) -> PrunerOptions:
+                  graph_timeout, ignored_layers: Sequence | None, options: Dict, score: str = "fs") -> PrunerOptions:
     """Validate ``StripePruner``'s arguments and torch-pruning options (see the module docstring)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("StripePruner got a DistributedDataParallel wrapper: build the pruner on the bare model, "
@@ -120,6 +123,8 @@ def parse_options(model: nn.Module, sr, threshold, macs_reduction, params_reduct
     if not targets and (steps != 1 or cap != 1.0 or "iterative_pruning_ratio_scheduler" in options):
         raise ValueError("iterative_steps, iterative_pruning_ratio_scheduler and max_pruning_ratio act on a target: "
                          "give macs_reduction or params_reduction (with a threshold, training decides what dies)")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     parsed = PrunerOptions(
         sr=check_number("sr", sr), target=targets[0] if targets else None,
@@ -127,7 +132,8 @@ def parse_options(model: nn.Module, sr, threshold, macs_reduction, params_reduct
         iterative_steps=steps, max_pruning_ratio=cap, verify=bool(verify),
         scheduler=options.get("iterative_pruning_ratio_scheduler", linear_scheduler),
         tolerance=check_number("tolerance", DEFAULT_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance),
-        graph_timeout=graph_timeout, graph_options={k: options[k] for k in GRAPH_OPTIONS if k in options})
+        graph_timeout=graph_timeout, score=score,
+        graph_options={k: options[k] for k in GRAPH_OPTIONS if k in options})
     if parsed.target:
         goals = parsed.step_goals()
         if len(goals) != steps or any(not 0 <= g <= parsed.target[1] + 1e-9 for g in goals):

@@ -73,6 +73,8 @@ class StripePruner(tp.pruner.BasePruner):
         verify: ``step()`` checks that outputs do not change (``max|diff| <= tolerance * max|y|``;
             default tolerance by dtype: 1e-4 for fp32, 1e-2 fp16, 5e-2 bf16).
         graph_timeout: seconds allowed for each DependencyGraph build/analysis (main thread only).
+        score: stripe ranking of a target: ``'fs'`` = ``|FS| * ||W_stripe||``; ``'fs_bn'`` = that times the gain
+            ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm the filter feeds (see :mod:`.target`).
 
     Attributes:
         skeletons: qualified conv name -> Filter Skeleton parameter, ``(out, kh, kw)`` for a conv.
@@ -85,9 +87,10 @@ class StripePruner(tp.pruner.BasePruner):
     def __init__(self, model: nn.Module, example_inputs, sr: float = 1e-5, threshold: float | None = None,
                  ignored_layers: Sequence[nn.Module] | None = None, macs_reduction: float | None = None,
                  params_reduction: float | None = None, importance=None, verify: bool = True,
-                 tolerance: float | None = None, graph_timeout: float | None = 120.0, **kwargs) -> None:
+                 tolerance: float | None = None, graph_timeout: float | None = 120.0, score: str = "fs",
+                 **kwargs) -> None:
         self.options = parse_options(model, sr, threshold, macs_reduction, params_reduction, importance, verify,
-                                     tolerance, graph_timeout, ignored_layers, kwargs)
+                                     tolerance, graph_timeout, ignored_layers, kwargs, score)
         self.model, self.example_inputs = model, example_inputs
         self.ignored_layers, self.ignored_params = self.options.ignored_layers, self.options.ignored_params
         self.graph_options = {**self.options.graph_options, "ignored_params": self.ignored_params,
@@ -164,6 +167,11 @@ class StripePruner(tp.pruner.BasePruner):
             return self._final_sparsity
         masks = [self.skeleton(name).alive for name in self.names]
         return sum(int((~m).sum()) for m in masks) / max(1, sum(m.numel() for m in masks))
+
+    def fed_batchnorms(self) -> List[nn.Module | None]:
+        """Per skeleton layer, the one BatchNorm its filters feed (the one a dead filter masks), else ``None``."""
+        norms = [[self._modules[m] for m, t in self._mask_targets[n] if t == "weight"] for n in self.names]
+        return [found[0] if len(found) == 1 else None for found in norms]
 
     def kill_units(self) -> List[torch.Tensor] | None:
         """Extension point of target-driven pruning: per skeleton layer, FS-shaped ids in ``[0, n)`` of the

@@ -2,9 +2,11 @@
 MACs or params drop by ``r``.
 
 Stripe importance is ``|FS| * ||W_stripe||_2`` (with untrained skeletons, FS = 1, it is the stripe's weight
-magnitude: a data-free start), divided by the mean importance of the stripe's layer so that layers compete
-on relative terms (torch-pruning's ``normalizer='mean'``). Stripes are ranked globally, lowest first, each
-layer capped at ``max_pruning_ratio`` of its stripes.
+magnitude: a data-free start), optionally times the gain ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm
+channel the stripe's filter feeds (``score='fs_bn'``: the stripe's size after the BatchNorm, which is what the
+next layer sees), divided by the mean importance of the stripe's layer so that layers compete on relative
+terms (torch-pruning's ``normalizer='mean'``). Stripes are ranked globally, lowest first, each layer capped at
+``max_pruning_ratio`` of its stripes.
 
 How many stripes go is searched on the real outcome: each candidate is rehearsed on a copy of the model
 (merge, channel cleanup through DepGraph, conversion) and counted with ``count_ops_and_params``, so the
@@ -32,17 +34,43 @@ ACCEPT = 0.01
 MAX_REHEARSALS = 8
 
 
+#: the stripe scores of target-driven pruning (``StripePruner(score=...)``)
+SCORES = ("fs", "fs_bn")
+
+
 def stripe_scores(skeletons: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                  alive: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Per layer, FS-shaped importance of each alive stripe (``inf`` for dead ones), mean-normalised."""
+                  alive: Sequence[torch.Tensor], gains: Sequence[torch.Tensor | None] | None = None
+                  ) -> List[torch.Tensor]:
+    """Per layer, FS-shaped importance of each alive stripe (``inf`` for dead ones), mean-normalised.
+    ``gains``: per layer ``None`` or a multiplier broadcastable to the skeleton (see :func:`batchnorm_gains`)."""
     scores = []
-    for fs, weight, live in zip(skeletons, weights, alive):
+    for i, (fs, weight, live) in enumerate(zip(skeletons, weights, alive)):
         magnitude = weight.detach().float().norm(dim=1)  # (out, kh, kw) for a conv, (S,) for a stripe conv
         score = fs.detach().float().abs() * magnitude
+        if gains is not None and gains[i] is not None:
+            score = score * gains[i].to(score)
         mean = score[live].mean() if live.any() else torch.tensor(1.0)
         score = score / (mean if mean > 0 else 1.0)
         scores.append(torch.where(live, score, torch.full_like(score, float("inf"))))
     return scores
+
+
+@torch.no_grad()
+def batchnorm_gains(layers: Sequence[nn.Module], norms: Sequence[nn.Module | None]) -> List[torch.Tensor | None]:
+    """Per skeleton layer, the gain ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm channel each of its
+    filters feeds, shaped to multiply the layer's skeleton (``(out, 1, 1)`` for a conv, one value per stripe
+    for a ``StripeConv2d``); ``None`` where ``norms[i]`` is not a BatchNorm with running statistics."""
+    gains: List[torch.Tensor | None] = []
+    for layer, norm in zip(layers, norms):
+        if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or norm.running_var is None:
+            gains.append(None)
+            continue
+        gain = norm.running_var.detach().float().add(norm.eps).rsqrt()
+        if norm.affine:
+            gain = gain * norm.weight.detach().float().abs()
+        stripe_out = getattr(layer, "stripe_out", None)
+        gains.append(gain[stripe_out] if stripe_out is not None else gain.view(-1, 1, 1))
+    return gains
 
 
 def unit_scores(scores: List[torch.Tensor], units: Sequence[torch.Tensor]
@@ -163,7 +191,9 @@ def reach_target(pruner: StripePruner, rehearsal: Rehearsal, goal: float) -> flo
     metric = pruner.options.target[0]
     layers = [pruner.module(n) for n in pruner.names]
     fs = [pruner.skeleton(n) for n in pruner.names]
-    scores = stripe_scores([f.skeleton for f in fs], [skeleton_input(m) for m in layers], [f.alive for f in fs])
+    gains = batchnorm_gains(layers, pruner.fed_batchnorms()) if pruner.options.score == "fs_bn" else None
+    scores = stripe_scores([f.skeleton for f in fs], [skeleton_input(m) for m in layers], [f.alive for f in fs],
+                           gains)
     if metric == "macs" and pruner.positions is None:
         pruner.positions = output_positions(pruner.model, layers, pruner.example_inputs)
     costs = stripe_costs(layers, metric, pruner.positions)
