@@ -28,7 +28,7 @@ Usage (from the repository root)::
     python benchmarks/timm_coverage.py --one-process          # every model in this process, in sequence
 
 Writes ``benchmarks/results/{timm,torchvision}_coverage.json`` (one record per model) and the source's section
-of ``docs/coverage.md`` (between ``<!-- coverage:SOURCE -->`` markers; the other sections are kept;
+of ``docs/coverage.md`` (between ``<!-- coverage-SOURCE:begin/end -->`` markers; the other sections are kept;
 ``--from-json`` renders it again from the JSON).
 The per-model routines (``run_swp``, ``run_tp``) and the model list live in :mod:`swp_plugin.testing.sweep`.
 ``--one-process`` runs them in sequence in one process (no time limit): heap damage done by one model then
@@ -54,8 +54,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-from swp_plugin.testing import torchvision_models
-from swp_plugin.testing.sweep import FLOAT64, MODEL_LISTS, MODELS, REPARAM, RUNNERS, SIZE_OVERRIDES, SOURCES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from doc_section import write_section  # noqa: E402
+
+from swp_plugin.testing import torchvision_models  # noqa: E402
+from swp_plugin.testing.sweep import FLOAT64, MODEL_LISTS, MODELS, REPARAM, RUNNERS, SIZE_OVERRIDES, SOURCES  # noqa: E402,E501
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MD = ROOT / "docs" / "coverage.md"
@@ -310,21 +314,6 @@ def render_md(records: List[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, source: str, text: str) -> None:
-    """Put ``text`` between ``<!-- coverage:SOURCE -->`` markers in ``path``: in place of the source's previous
-    section, else appended; the rest of the file is kept."""
-    begin, end = f"<!-- coverage:{source} -->", f"<!-- /coverage:{source} -->"
-    block = f"{begin}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text() if path.exists() else ""
-    if begin in old and end in old:
-        i, j = old.index(begin), old.index(end) + len(end)
-        new = old[:i] + block + old[j:].removeprefix("\n")
-    else:
-        new = (old.rstrip("\n") + "\n\n" if old.strip() else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
-
-
 def _counts(recs: List[dict]) -> str:
     c = Counter(r.get("status", "?") for r in recs)
     return ", ".join(f"{v} {k}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
@@ -425,7 +414,7 @@ def main(argv: List[str] | None = None) -> int:
         p.error(f"not {args.source} models: {', '.join(unknown)}")
     if args.from_json:
         saved = json.loads(json_path.read_text())
-        write_section(Path(args.md), args.source, render_md(saved["records"], saved["meta"]))
+        write_section(args.md, f"coverage-{args.source}", render_md(saved["records"], saved["meta"]))
         return 0
     meta = {
         "source": args.source,
@@ -466,7 +455,7 @@ def main(argv: List[str] | None = None) -> int:
     meta["wall_total_s"] = round(time.perf_counter() - t0, 1)
     _write_json(json_path, {"meta": meta, "records": records})
     md = render_md(records, meta)
-    write_section(Path(args.md), args.source, md)
+    write_section(args.md, f"coverage-{args.source}", md)
     print()
     print(md)
     return 0

@@ -103,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--model", help=f"{', '.join(MODELS)} or a timm model name [preset]")
     a.add_argument("--width", type=float, help="channel width multiplier of the paper's nets [preset]")
     a.add_argument("--baseline", default=None, metavar="PATH",
-                   help="load the baseline (torch.save(model)) instead of training it")
+                   help="load the baseline (a stage file of this example, or a pickled model) instead of training it")
     t = p.add_argument_group("training (SGD, momentum 0.9)")
     t.add_argument("--batch-size", type=int, help="[preset]")
     t.add_argument("--lr", type=float, help="baseline, sparse and SWP training [preset]")
@@ -152,6 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--json", default=None, metavar="PATH", help="write the stages as JSON")
     r.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     args = p.parse_args(argv)
+    if args.model is not None and args.model not in MODELS:
+        if args.width not in (None, 1.0):
+            p.error(f"--width is the channel multiplier of {', '.join(MODELS)}; timm model {args.model!r} has none")
+        args.width = 1.0
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -166,13 +170,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _number_or_auto(name: str, value: str) -> float | None:
-    if str(value).lower() == "auto":
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise SystemExit(f"{name} must be a number or auto, got {value!r}") from None
+def _strength(run: Run, name: str, value: str, push: float, steps: int) -> float:
+    """``value`` (a number), or with ``auto`` the L1 strength of ``push`` (``sr_for_push``) over ``steps``."""
+    if str(value).lower() != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise SystemExit(f"{name} must be a number or auto, got {value!r}") from None
+    return sr_for_push(push, run.args.lr, steps, run.args.schedule) if steps else 0.0
 
 
 class Run(StageRunner):
@@ -221,8 +226,8 @@ def build_baseline(run: Run) -> nn.Module:
         model = load_checkpoint(run, args.baseline)
         run.record("baseline", model, 0)
         return model
-    kwargs = {"width": args.width} if args.model in MODELS else {}
-    model = create_model(args.model, num_classes=run.num_classes, in_chans=run.in_chans, **kwargs).to(args.device)
+    model = create_model(args.model, num_classes=run.num_classes, in_chans=run.in_chans, width=args.width)
+    model = model.to(args.device)
     run.start()
     run.train(model, args.epochs_baseline, args.lr, "baseline")
     run.record("baseline", model, args.epochs_baseline)
@@ -239,9 +244,7 @@ def slimming(run: Run, model: nn.Module) -> nn.Module:
     """Network Slimming with torch-pruning: L1 on BN scales while training, global pruning, fine-tune."""
     args = run.args
     steps = run.steps(args.epochs_sparse)
-    reg = _number_or_auto("--slim-reg", args.slim_reg)
-    if reg is None:
-        reg = sr_for_push(args.slim_push, args.lr, steps, args.schedule) if steps else 0.0
+    reg = _strength(run, "--slim-reg", args.slim_reg, args.slim_push, steps)
     pruner = tp.pruner.BNScalePruner(
         model, run.example, importance=tp.importance.BNScaleImportance(normalizer=None), reg=reg,
         global_pruning=True, pruning_ratio=args.prune_ratio, max_pruning_ratio=args.max_layer_ratio,
@@ -360,9 +363,7 @@ def from_checkpoint(run: Run, path: str) -> nn.Module:
 def swp(run: Run, model: nn.Module) -> nn.Module:
     args = run.args
     steps = run.steps(args.epochs_swp)
-    sr = _number_or_auto("--sr", args.sr)
-    if sr is None:
-        sr = sr_for_push(args.push, args.lr, steps, args.schedule) if steps else 0.0
+    sr = _strength(run, "--sr", args.sr, args.push, steps)
     filters_before = {n: m.out_channels for n, m in model.named_modules()
                       if isinstance(m, (nn.Conv2d, StripeConv2d))}
     norms_before = filter_norm_rms(model)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import swp_plugin
 from swp_plugin import StripePruner, count_ops_and_params
-from swp_plugin.models import MODELS, create_model
+from swp_plugin.models import create_model
 from swp_plugin.recipes.continual import filter_norm_rms, restore_filter_norms
 from swp_plugin.recipes.data import dataset_info, load_dataset
 from swp_plugin.recipes.training import train_epoch
@@ -118,8 +118,7 @@ def main(argv=None) -> None:
     example = test[0][0][None].to(device)  # the same on every rank
 
     torch.manual_seed(args.seed)
-    kwargs = {"width": args.width} if args.model in MODELS else {}
-    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans, **kwargs).to(device)
+    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans, width=args.width).to(device)
     norms = filter_norm_rms(model)  # for fine-tuning after step(): see restore_filter_norms
     pruner = StripePruner(model, example, sr=args.sr, threshold=args.threshold,
                           ignored_layers=[model.get_classifier()])
@@ -167,7 +166,8 @@ def main(argv=None) -> None:
         swp_plugin.save(model, args.out)
     dist.barrier()
     torch.manual_seed(args.seed)
-    loaded = swp_plugin.load(args.out, create_model(args.model, num_classes=num_classes, in_chans=in_chans, **kwargs))
+    fresh = create_model(args.model, num_classes=num_classes, in_chans=in_chans, width=args.width)
+    loaded = swp_plugin.load(args.out, fresh)
     loaded.to(device).eval()
     model.eval()
     with torch.no_grad():

@@ -43,8 +43,7 @@ def main(argv=None) -> None:
     test = load_dataset(args.dataset, False, args.data_path, subset=5000, seed=args.seed)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True)
     test_loader = DataLoader(test, batch_size=256)
-    kwargs = {"width": args.width} if args.model in ("vgg16_bn", "resnet56", "resnet20") else {}
-    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = create_model(args.model, num_classes=num_classes, in_chans=in_chans, width=args.width)
     example = next(iter(test_loader))[0][:1]
 
     pruner = StripePruner(model, example, sr=args.sr, threshold=args.threshold,

@@ -212,3 +212,17 @@ def test_augmented_tensors_keep_shape_and_labels():
     augmented = AugmentedTensors(data, padding=4, fill=-1.0)
     x, y = augmented[2]
     assert x.shape == (1, 28, 28) and y == 2 and len(augmented) == 4
+
+
+def test_width_is_for_the_paper_nets_only(capsys):
+    parse = _example().parse_args
+    assert parse(["--model", "resnet18"]).width == 1.0            # the cpu preset's 0.25 is not applied to timm
+    assert parse(["--model", "resnet56"]).width == 0.25
+    with pytest.raises(SystemExit):
+        parse(["--model", "resnet18", "--width", "0.5"])
+    assert "--width is the channel multiplier" in capsys.readouterr().err
+    from swp_plugin.models import create_model
+
+    with pytest.raises(ValueError, match="width=0.5 is the channel multiplier"):
+        create_model("resnet18", width=0.5)
+    assert create_model("resnet20", in_chans=1, width=0.5).conv1.out_channels == 8

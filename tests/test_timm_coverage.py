@@ -100,16 +100,6 @@ def test_failed_record_keeps_its_stage():
     assert stage.close()["stage"] is None
 
 
-def test_write_section_replaces_only_its_own_section(tmp_path):
-    md = tmp_path / "coverage.md"
-    coverage.write_section(md, "timm", "# timm\nold")
-    coverage.write_section(md, "torchvision", "# torchvision\nfirst")
-    coverage.write_section(md, "torchvision", "# torchvision\nsecond")
-    text = md.read_text()
-    assert text.count("<!-- coverage:torchvision -->") == 1 and "first" not in text and "second" in text
-    assert text.index("# timm\nold") < text.index("# torchvision")
-
-
 def test_command_names_no_lock_file():
     command = coverage._command(["benchmarks/timm_coverage.py", "--source", "torchvision", "--lock", "/x/cpu.lock"])
     assert command == "python benchmarks/timm_coverage.py --source torchvision"

@@ -12,10 +12,14 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(name: str, num_classes: int = 10, in_chans: int = 3, **kwargs) -> nn.Module:
-    """One of :data:`MODELS`, else ``timm.create_model(name, pretrained=False, ...)``."""
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, width: float = 1.0, **kwargs) -> nn.Module:
+    """One of :data:`MODELS` (``width``: its channel multiplier), else ``timm.create_model(name, pretrained=False,
+    ...)`` (``width`` must stay 1: timm models take their own arguments in ``kwargs``)."""
     if name in MODELS:
-        return MODELS[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return MODELS[name](num_classes=num_classes, in_chans=in_chans, width=width, **kwargs)
+    if width != 1.0:
+        raise ValueError(f"width={width:g} is the channel multiplier of {sorted(MODELS)}; timm model {name!r} takes "
+                         "its own arguments instead (pass them as keyword arguments, e.g. channel_multiplier)")
     import timm
 
     if not timm.is_model(name):
