@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST
 from swp_plugin.testing import (  # noqa: F401 - re-exported for the tests
     calibrate_bn,
     outputs_around_step,
@@ -14,6 +15,12 @@ from swp_plugin.testing import (  # noqa: F401 - re-exported for the tests
 )
 
 torch.set_num_threads(2)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.needs_data``: skipped where Debian's Fashion-MNIST is not installed."""
+    if item.get_closest_marker("needs_data") and not DEBIAN_FASHION_MNIST.exists():
+        pytest.skip("Debian's dataset-fashion-mnist missing (apt install dataset-fashion-mnist)")
 
 
 @pytest.fixture(autouse=True)

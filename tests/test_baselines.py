@@ -21,10 +21,8 @@ from swp_plugin.recipes.baselines import (
     prune_channels_to_macs,
     slimming_pruner,
 )
-from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "granularity.py"
-needs_data = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist missing")
 
 
 def _train_steps(model, x, after_backward, steps=3, lr=0.1):
@@ -146,7 +144,7 @@ def test_method_specs_and_paired_verdicts():
     assert interpolate(rows, 0.5) == pytest.approx(86.0) and interpolate(rows, 0.8) is None
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_granularity_benchmark_tiny(tmp_path):
     bench = _bench()
     doc = tmp_path / "results.md"

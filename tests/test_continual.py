@@ -25,12 +25,11 @@ from swp_plugin.recipes.continual import (
     restore_filter_norms,
     sr_for_push,
 )
-from swp_plugin.recipes.data import DEBIAN_FASHION_MNIST, AugmentedTensors
+from swp_plugin.recipes.data import AugmentedTensors
 from swp_plugin.recipes.training import lr_sum
 from swp_plugin.testing import calibrate_bn, rel_err
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "continual_prune.py"
-needs_data = pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="Debian's dataset-fashion-mnist missing")
 
 
 def _example():
@@ -103,7 +102,7 @@ def _check_swp(result: dict) -> None:
         assert swp["macs"] < 0.5 * before["macs"]
 
 
-@needs_data
+@pytest.mark.needs_data
 @pytest.mark.parametrize("first", ["slimming", "gbn"])
 def test_channel_first_stage_then_swp(tmp_path, first):
     result = _run(tmp_path, "--first", first)
@@ -116,7 +115,7 @@ def test_channel_first_stage_then_swp(tmp_path, first):
     _check_swp(result)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_none_is_swp_on_the_baseline_plain_sr_cliff(tmp_path):
     # plain SWP (no renormalisation) with a large sr: every stripe dies within the 4 steps; still exact
     result = _run(tmp_path, "--first", "none", "--renorm", "0", "--sr", "8")
@@ -125,7 +124,7 @@ def test_none_is_swp_on_the_baseline_plain_sr_cliff(tmp_path):
     _check_swp(result)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_pruned_checkpoint_is_pruned_further(tmp_path):
     torch.manual_seed(0)
     model = vgg16_bn(num_classes=10, in_chans=1, width=0.125)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from test_continual import _check_swp, _names_and_macs, _run, needs_data
+from test_continual import _check_swp, _names_and_macs, _run
 from torch.utils.data import DataLoader, TensorDataset
 
 from swp_plugin import count_ops_and_params
@@ -120,7 +120,7 @@ def test_vgg19_is_registered():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
-@needs_data
+@pytest.mark.needs_data
 def test_first_dcp_then_swp_and_its_checkpoint_goes_back(tmp_path):
     result = _run(tmp_path / "dcp", "--first", "dcp", "--dcp-batches", "2")
     names, macs = _names_and_macs(result)
