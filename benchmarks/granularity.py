@@ -187,14 +187,19 @@ def _fresh(args, net: str) -> nn.Module:
     return create_model(net, num_classes=10, in_chans=1, width=args.width)
 
 
+def _key(row: dict) -> tuple:
+    """A row's point: (net, method, MACs target, push); the baseline's target is 0."""
+    return row["net"], row["method"], row.get("target"), row.get("push")
+
+
 def run_seed(args: argparse.Namespace, seed: int) -> List[dict]:
     """Every net and method for one seed; rows written to ``<models-dir>/seed<S>.json`` after each model."""
     out = Path(args.models_dir)
     out.mkdir(parents=True, exist_ok=True)
     part = out / f"seed{seed}.json"
     rows: List[dict] = json.loads(part.read_text())["results"] if args.resume and part.exists() else []
-    rows = [r for r in rows if (out / r["model"]).exists()]
-    done = {(r["net"], r["method"], r.get("target"), r.get("push")) for r in rows}
+    rows = list({_key(r): r for r in rows if (out / r["model"]).exists()}.values())  # the last row of a point
+    done = {_key(r) for r in rows}
 
     def save_rows() -> None:
         part.write_text(json.dumps({"seed": seed, "results": rows}, indent=1) + "\n")
@@ -208,7 +213,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[dict]:
         torch.manual_seed(seed)
         baseline = _fresh(args, net).to(args.device)
         base_file = f"seed{seed}_{net}_baseline.pt"
-        if (net, "baseline", None, None) in done:
+        if (net, "baseline", 0.0, None) in done:
             swp_plugin.load(out / base_file, baseline)
         else:
             bench.train(baseline, args.epochs_baseline, args.lr, f"{net} baseline")
@@ -216,7 +221,7 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[dict]:
         dense_macs, _ = bench.counts(baseline)
         dense = {n: m.weight.numel() for n, m in baseline.named_modules() if isinstance(m, nn.Conv2d)}
         norms = filter_norm_rms(baseline)
-        if (net, "baseline", None, None) not in done:
+        if (net, "baseline", 0.0, None) not in done:
             macs, params = bench.counts(baseline)
             rows.append({"method": "baseline", "seed": seed, "net": net, "macs": macs, "params": params,
                          "accuracy": bench.accuracy(baseline), "target": 0.0, "macs_reduction": 0.0,

@@ -173,10 +173,15 @@ def test_granularity_benchmark_tiny(tmp_path):
     assert "## Another section\n\nkept" in text and text.count(bench.report.SECTION_TITLE) == 1
     assert "vs L1 filter: SWP" in text and "| -60% |" in text and "SWP paper (threshold), 0.95" in text
     assert (tmp_path / "granularity_quick.png").stat().st_size > 0
+    models = tmp_path / "granularity_quick_models"
+    stamps = {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")}
+    again = bench.main(argv + ["--resume"])  # every point is there: nothing is trained again, no row doubles
+    assert {p.name: p.stat().st_mtime_ns for p in models.glob("*.pt")} == stamps
+    assert json.loads(json.dumps(again["results"])) == rows
     # latency of every saved model, side by side, then the doc again (a rerun replaces the section)
     bench.main(argv + ["--latency-only", "--latency-repeats", "2"])
     timed = json.loads(out.read_text())
     main = [r for r in timed["results"] if r["method"] != "swp:gradual=2:score=fs"]  # variants are not timed
     assert all(r["latency_b1_ms"] > 0 and r["latency_b64_ms"] > 0 for r in main)
     again = doc.read_text()
-    assert again.count(bench.report.BEGIN) == 1 and "kept" in again and "speed-up b1 / b64" in again
+    assert again.count("<!-- granularity:begin -->") == 1 and "kept" in again and "speed-up b1 / b64" in again
