@@ -225,3 +225,28 @@ def test_width_is_for_the_paper_nets_only(capsys):
     with pytest.raises(ValueError, match="width=0.5 is the channel multiplier"):
         create_model("resnet18", width=0.5)
     assert create_model("resnet20", in_chans=1, width=0.5).conv1.out_channels == 8
+
+
+def test_renormalize_skeletons_with_the_pruner_attached():
+    """feeding_batchnorms finds the conv -> BatchNorm pairs also on a model whose convs and norms are
+    parametrized (a regression: it found none there, so the renormalisation silently did nothing); renormalising
+    sets each filter's largest FS to 1 and keeps the eval outputs."""
+    from swp_plugin.recipes.continual import feeding_batchnorms, renormalize_skeletons
+
+    model = resnet20(num_classes=10, in_chans=1, width=0.25)
+    x = torch.randn(8, 1, 28, 28)
+    before = feeding_batchnorms(model, x[:1])
+    pruner = StripePruner(model, x[:1], sr=1e-3, ignored_layers=[model.fc])
+    after = feeding_batchnorms(model, x[:1])
+    assert len(after) == len(before) == 21 and all(after[n] is bn for n, bn in before.items())
+    calibrate_bn(model, x)
+    with torch.no_grad():
+        for fs in pruner.skeletons.values():
+            fs.mul_(torch.rand_like(fs) * 0.5 + 0.1)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+        renormalize_skeletons(pruner, after)
+        assert rel_err(model(x), y) < 1e-5
+    for name, fs in pruner.skeletons.items():
+        assert torch.allclose(fs.abs().flatten(1).amax(1), torch.ones(fs.shape[0])), name

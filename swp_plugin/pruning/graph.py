@@ -48,13 +48,13 @@ MASKABLE_NORMS: Tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 
 def fed_norms(DG: tp.DependencyGraph, module: nn.Module, direct: bool = False) -> List[nn.Module]:
     """The per-channel norms that read ``module``'s output: through single-input element-wise ops (activations,
-    pooling; no add / concat), or with ``direct`` only a norm that is the output's sole reader and reads nothing
-    else. The one conv -> norm discovery of the project (masks, rescaling, BatchNorm folding)."""
+    pooling; no add / concat), or with ``direct`` only a norm that is the output's sole reader (its weight and
+    bias may be parametrized). The one conv -> norm discovery of the project (masks, rescaling, BN folding)."""
     node = DG.module2node.get(module)
     if node is None:
         return []
-    if direct:
-        if len(node.outputs) != 1 or len(node.outputs[0].inputs) != 1:
+    if direct:  # a norm reads one activation; its other graph inputs are its own (parametrized) weight and bias
+        if len(node.outputs) != 1:
             return []
         return [n.module for n in node.outputs if isinstance(n.module, MASKABLE_NORMS)]
     found: List[nn.Module] = []
