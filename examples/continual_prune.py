@@ -1,7 +1,7 @@
 """Continual pruning: channel pruning with torch-pruning (Network Slimming, Gate Decorator, DCP or any pruned
 checkpoint), then Stripe-Wise Pruning on the result.
 
-    python examples/continual_prune.py                        # default: about 10 min on 2 CPU cores
+    python examples/continual_prune.py                        # default: about 5 min on 2 CPU cores
     python examples/continual_prune.py --first gbn            # Gate-Decorator-style first stage
     python examples/continual_prune.py --first dcp --model vgg19_bn   # discrimination-aware channel pruning
     python examples/continual_prune.py --first checkpoint:runs/continual_prune/slimming.pt
@@ -11,14 +11,15 @@ checkpoint), then Stripe-Wise Pruning on the result.
 Stages (each trains from the previous one; ``--epochs-*`` set their cost):
   1. baseline: the paper's VGG16-BN / ResNet56 (``--model``, ``--width``) or any timm model, trained on
      ``--subset`` images of Fashion-MNIST (or CIFAR-10 with ``--dataset cifar10 --data-path DIR``), or loaded
-     with ``--baseline PATH`` (a ``torch.save(model)`` file, e.g. ``runs/continual_prune/baseline.pt``);
+     with ``--baseline PATH`` (a stage file of this example, e.g. ``runs/continual_prune/baseline.pt``);
   2. first stage (``--first``): ``slimming`` = ``tp.pruner.BNScalePruner`` sparse training with its
      ``regularize``, global pruning of ``--prune-ratio`` of the channels by BN scale, fine-tune;
      ``gbn`` = Taylor importance of the BN gates accumulated while training, global and iterative
      (``--gbn-steps``) with ``tp.pruner.BasePruner``, fine-tune; ``dcp`` = discrimination-aware channel pruning
      (``swp_plugin.recipes.dcp.DCPPruner``: per stage, fine-tune with an auxiliary loss, greedy channel selection
-     per layer, removal through torch-pruning groups; ``--dcp-*``), fine-tune; ``checkpoint:PATH`` = a whole
-     pruned model saved with ``torch.save(model)``, evaluated and pruned further; ``none`` = SWP on the baseline;
+     per layer, removal through torch-pruning groups; ``--dcp-*``), fine-tune; ``checkpoint:PATH`` = a pruned
+     model (a stage file of this example, or a whole model pickled by other code, e.g. DCP's or GBN's),
+     evaluated and pruned further; ``none`` = SWP on the baseline;
   3. swp: ``StripePruner`` training with ``regularize`` (``--sr``, or ``auto``: the L1 push ``--push`` over
      the schedule; ``--renorm 1``, the cpu preset, keeps each filter's largest FS value at 1 during training,
      see ``swp_plugin.recipes.continual.renormalize_skeletons``), ``step()`` (exact), fine-tune (``--epochs-finetune``,
@@ -67,7 +68,7 @@ from swp_plugin.recipes.continual import (
 from swp_plugin.recipes.dcp import DCPPruner, aux_criterion
 from swp_plugin.recipes.runner import StageRunner
 
-#: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 10 minutes on
+#: Defaults of the schedule options, per preset. ``cpu``: the README's main job, about 5 minutes on
 #: 2 CPU cores with Fashion-MNIST; ``paper``: the paper's schedule (160 epochs, batch 64, lr 0.1 divided by
 #: 10 at 50% and 75%, sr 1e-5, threshold 0.05, CIFAR-style augmentation) for a GPU.
 PRESETS = {
