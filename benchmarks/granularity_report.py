@@ -103,9 +103,12 @@ def has_latency(rows: Sequence[dict]) -> bool:
     return all("latency_b1_ms" in r for r in rows if r["method"] in timed)
 
 
-def _variants(rows: Sequence[dict]) -> List[str]:
-    """The ablation's variants: specs with options, in run order."""
-    return [m for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline") if parse_spec(m).options]
+def _variants(rows: Sequence[dict], order: Sequence[str] = ()) -> List[str]:
+    """The ablation's variants: specs with options, in the order of ``order`` (the run's ``--methods``), else of
+    the rows (a resumed run may have written them in another order)."""
+    found = [m for m in dict.fromkeys(r["method"] for r in rows if r["method"] != "baseline") if parse_spec(m).options]
+    rank = {m: i for i, m in enumerate(order)}
+    return sorted(found, key=lambda m: rank.get(m, len(rank)))
 
 
 def _targets(rows: Sequence[dict]) -> List[float]:
@@ -298,7 +301,7 @@ def ablation_table(rows: Sequence[dict], net: str, args: dict) -> str:
     """Variants (then the default SWP and the filter pruners) x targets: accuracy mean ± sd, and the paired
     difference to the first variant."""
     g, targets = groups(rows, net), _targets(rows)
-    methods = _variants(rows) + [m for m in _methods(rows) if m in ("swp", *FILTERS)]
+    methods = _variants(rows, args.get("methods", ())) + [m for m in _methods(rows) if m in ("swp", *FILTERS)]
     ref = methods[0]
     lines = ["| variant | settings | " + " | ".join(f"-{100 * t:.0f}%" for t in targets)
              + f" | before fine-tuning, -{100 * targets[-1]:.0f}% | layers at <= 10%, -{100 * targets[-1]:.0f}% |",
@@ -369,13 +372,14 @@ def section(results: Dict[str, dict]) -> str:
                       "", f"**{net}**", "", accuracy_table(rows, net), "",
                       "SWP against each method, paired by seed (difference in points, mean ± sd over seeds):", ""]
             parts += verdicts(rows, net) + [""]
-            if _variants(rows):
+            variants = _variants(rows, result["args"].get("methods", ()))
+            if variants:
                 last = _targets(rows)[-1]
                 parts += ["Ablation: SWP variants from the same baselines (in brackets: paired difference to the "
                           "first row, the configuration of issue 8, and the t-test's verdict):", "",
                           ablation_table(rows, net, result["args"]), "", f"Per conv, weights (= MACs) kept at "
                           f"-{100 * last:.0f}% MACs, mean over seeds:", "",
-                          layer_table(rows, net, last, _variants(rows)[:1] + _methods(rows)), ""]
+                          layer_table(rows, net, last, variants[:1] + _methods(rows)), ""]
             if _methods(rows, paper=True):
                 parts += ["The paper's SWP (threshold during training, `step()` without a target) per push, and "
                           "the target-driven methods' accuracy at its MACs (linear interpolation between their "
