@@ -4,7 +4,7 @@ PyTorch (2.13, oneDNN on CPU) picks its channels-last convolution when a weight 
 channels-last, and a tensor with a size-1 dimension can look both contiguous and channels-last: a
 ``(O, C, 1, 1)`` weight with strides ``(C, 1, C, C)`` passes ``is_contiguous()`` and is returned unchanged by
 ``.contiguous()``. The channels-last backward of a 1x1 convolution with unequal strides (e.g. ``(2, 1)``) and
-more than one thread writes out of bounds (heap corruption; reproduction in docs/reliability.md). Everything
+more than one thread writes out of bounds (heap corruption; reproduction in docs/memory_safety.md). Everything
 the stripe layers pass to PyTorch's convolution goes through :func:`standard_layout` first.
 """
 
