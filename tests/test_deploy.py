@@ -179,3 +179,18 @@ def test_kernel_small_image_batch_path_with_epilogue(size, batch):
             want = conv(x) + (res if residual else 0)
             want = torch.relu(want) if act == "relu" else want
             assert rel_err(want, layer(x, res if residual else None)) < 1e-5
+
+
+@pytest.mark.parametrize("padding, stride, mode", [(1, 1, "zeros"), ((2, 0), (2, 1), "zeros"), (1, 2, "reflect"),
+                                                   ("same", 1, "zeros")])
+def test_to_stripe_gives_back_the_layer(padding, stride, mode):
+    """DeployedStripeConv2d.to_stripe() is the inverse of from_stripe (without an epilogue)."""
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, padding_mode=mode)
+    mask = torch.rand(10, 3, 3) < 0.4
+    layer = StripeConv2d.from_dense(conv, mask, backend="stripe").eval()
+    back = DeployedStripeConv2d.from_stripe(layer).to_stripe().eval()
+    back.backend = "stripe"
+    x = torch.randn(2, 6, 13, 11)
+    with torch.no_grad():
+        assert torch.allclose(back(x), layer(x), atol=1e-6)
+    assert torch.equal(back.stripe_out, layer.stripe_out) and torch.equal(back.stripe_pos, layer.stripe_pos)
