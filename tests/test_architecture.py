@@ -16,9 +16,9 @@ ALLOWED = {
     "measure": {"utils", "layers"},
     "models": set(),
     "pruning": {"utils", "layers", "skeleton", "measure"},
-    "persistence": {"utils", "layers", "deployment"},  # deployment: lazily, to replay a saved deployment
-    "deployment": {"utils", "layers", "skeleton", "measure", "pruning", "persistence"},
-    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models"},
+    "persistence": {"utils", "layers", "deployment"},  # deployment: to rebuild a saved deployed model
+    "deployment": {"utils", "layers", "skeleton", "measure", "pruning"},
+    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models", "persistence", "deployment"},
     "cli": {"utils", "layers", "measure", "pruning", "persistence", "models"},
     "recipes": {"utils", "layers", "skeleton", "measure", "pruning", "persistence", "models", "deployment"},
 }

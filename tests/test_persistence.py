@@ -48,7 +48,7 @@ def test_save_load_round_trip_is_exact_with_weights_only(name, tmp_path):
     path = tmp_path / "pruned.pt"
     swp_plugin.save(model, path)
     raw = torch.load(path, weights_only=True)  # tensors and plain Python only
-    assert raw["format"] == "swp_plugin/1" and any(e["stripe"] for e in raw["structure"].values())
+    assert raw["format"] == swp_plugin.persistence.FORMAT and any(e["stripe"] for e in raw["structure"].values())
     fresh, _ = _fresh(name)
     swp_plugin.load(path, fresh).eval()
     with torch.no_grad():

@@ -33,7 +33,7 @@ from ..layers.deployed import DeployedStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
-from ..persistence import describe
+from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
@@ -79,6 +79,11 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
             choices recorded in a saved deployed model this way).
     """
     _check_deployable(model)
+    for i, arg in enumerate(_as_args(example_inputs)):
+        if not isinstance(arg, torch.Tensor):
+            raise TypeError(f"deploy(): example input {i} is a {type(arg).__name__}, not a tensor: pass a batch of "
+                            "the shape inference will see (a tensor, or a tuple of tensors), e.g. "
+                            "torch.randn(1, 3, 224, 224)")
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)

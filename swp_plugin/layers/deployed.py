@@ -15,13 +15,14 @@ with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_fo
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .checks import check_stripes, placeholder_stripes
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import scatter_dense
@@ -29,6 +30,8 @@ from .padding import static_padding
 from .stripe_conv import StripeConv2d
 
 ACTIVATIONS = ("none", "relu")
+#: the kernel plan's buffers: derived from the stripe indexes, never part of the state dict
+PLAN_BUFFERS = ("rows", "phase_info", "ptr", "entries")
 _warned: List[bool] = [False]
 
 
@@ -41,7 +44,9 @@ class DeployedStripeConv2d(nn.Module):
     Shapes: ``x`` ``(N, C_in, H, W)``, ``residual`` ``(N, out, H_out, W_out)`` or ``None`` ->
     ``(N, out, H_out, W_out)``. Parameters (``requires_grad=False``): ``weight`` ``(S, C_in)`` (stripes sorted by
     kernel position, then output channel, as in ``StripeConv2d``), ``bias`` ``(out,)``; buffers: ``stripe_out``,
-    ``stripe_pos``, and the kernel plan ``rows``, ``phase_info``, ``ptr``, ``entries``.
+    ``stripe_pos``, and the kernel plan ``rows``, ``phase_info``, ``ptr``, ``entries`` (derived from the stripe
+    indexes, which are checked first; not in the state dict). Inference only: a forward that would need gradients
+    raises.
     """
 
     def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
@@ -66,18 +71,66 @@ class DeployedStripeConv2d(nn.Module):
                                  requires_grad=False)
         self.register_buffer("stripe_out", layer.stripe_out.clone())
         self.register_buffer("stripe_pos", layer.stripe_pos.clone())
-        top, left = (pad[2], pad[0]) if self.kernel_pads else (0, 0)
-        plan = cpu_kernel.make_plan(layer.stripe_out, layer.stripe_pos, self.out_channels, self.kernel_size,
-                                    self.stride, self.dilation, top, left)
-        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
-        self.register_buffer("rows", plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long))
-        self.register_buffer("phase_info", plan.phase_info)
-        self.register_buffer("ptr", plan.ptr)
-        self.register_buffer("entries", plan.entries)
-        self.tile = cpu_kernel.tile_pixels(weight.shape[0], weight.shape[1])
-        self.counts = position_counts(layer.stripe_pos, layer.kernel_size)
         self.onnx_form = "dense"
         self._export_constant: torch.Tensor | None = None
+        self._derive_plan()
+
+    def _derive_plan(self) -> None:
+        """The kernel plan from the stripe indexes (checked first): buffers ``rows``, ``phase_info``, ``ptr``,
+        ``entries``, not part of the state dict - a plan is never read from a file, always derived here."""
+        check_stripes(self.stripe_out, self.stripe_pos, self.weight.shape[0], self.out_channels, self.kernel_size)
+        top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
+        plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
+                                    self.stride, self.dilation, top, left)
+        device = self.stripe_out.device
+        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
+        rows = plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long)
+        for name, value in (("rows", rows), ("phase_info", plan.phase_info), ("ptr", plan.ptr),
+                            ("entries", plan.entries)):
+            self.register_buffer(name, value.to(device), persistent=False)
+        self.tile = cpu_kernel.tile_pixels(self.weight.shape[0], self.weight.shape[1])
+        self.counts = position_counts(self.stripe_pos, self.kernel_size)
+        self._export_constant = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Load weights and stripe indexes (checked against this layer's hyperparameters before anything uses
+        them), then derive the plan again; plan tensors in the state (files of swp_plugin <= 0.1) are ignored."""
+        rows = state_dict.get(prefix + "weight")
+        num_stripes = rows.shape[0] if isinstance(rows, torch.Tensor) and rows.dim() == 2 else self.num_stripes
+        out, pos = state_dict.get(prefix + "stripe_out"), state_dict.get(prefix + "stripe_pos")
+        if out is not None and pos is not None:
+            try:
+                check_stripes(out, pos, num_stripes, self.out_channels, self.kernel_size)
+            except ValueError as err:
+                raise ValueError(f"{prefix}stripe_out/stripe_pos: {err}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + n for n in PLAN_BUFFERS}]
+        if not error_msgs:
+            self._derive_plan()
+
+    def config(self) -> Dict[str, object]:
+        """The hyperparameters (plain Python) that, with the state dict, define the layer: see :meth:`from_config`."""
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "num_stripes": self.num_stripes,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "dilation": list(self.dilation),
+                "padding": list(self.pad), "padding_mode": self.padding_mode, "same_dynamic": self.same_dynamic,
+                "act": self.act, "residual": self.residual}
+
+    @classmethod
+    def from_config(cls, config: Dict[str, object]) -> DeployedStripeConv2d:
+        """A layer of the given :meth:`config` with zero weights and placeholder stripes (valid, sorted), to be
+        filled by ``load_state_dict``. ``padding``: ``(left, right, top, bottom)``."""
+        c = dict(config)
+        kh, kw = c["kernel_size"]
+        if not 0 <= c["num_stripes"] <= c["out_channels"] * kh * kw:
+            raise ValueError(f"num_stripes={c['num_stripes']} is outside [0, out_channels * kh * kw = "
+                             f"{c['out_channels'] * kh * kw}]")
+        layer = StripeConv2d(c["in_channels"], c["out_channels"], (kh, kw), c["stride"], 0, c["dilation"], True,
+                             c["padding_mode"], c["num_stripes"], c["same_dynamic"])
+        layer.padding = _padding_spec(tuple(c["padding"]))
+        layer.stripe_out, layer.stripe_pos = placeholder_stripes(c["num_stripes"], c["out_channels"])
+        return cls(layer, act=c["act"], residual=c["residual"])
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:
@@ -101,6 +154,7 @@ class DeployedStripeConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.jit.is_scripting():
+            self._refuse_training(x)
             if self._pytorch_only(x):
                 return self._pytorch_forward(x, residual)
         x, left, right, top, bottom = self._padded(x.contiguous())
@@ -110,6 +164,15 @@ class DeployedStripeConv2d(nn.Module):
         rows = self.rows if self.reorder else None
         return torch.ops.swp_stripe.forward(x, self.weight, rows, self.phase_info, self.ptr, self.entries, self.bias,
                                             residual, out_h, out_w, sh, sw, self.tile, self.act_code)
+
+    @torch.jit.unused
+    def _refuse_training(self, x: torch.Tensor) -> None:
+        """Inference only: the kernel has no backward, so a gradient asked for would silently be missing."""
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or self.bias.requires_grad):
+            what = "its input" if x.requires_grad else "its weights (requires_grad turned on)"
+            raise RuntimeError("DeployedStripeConv2d is inference-only (no gradients through the compiled kernel), "
+                               f"but {what} require grad: train the model before deploy() (a deployed layer's "
+                               "to_stripe() is the trainable StripeConv2d), or run it under torch.no_grad()")
 
     @torch.jit.unused
     def _pytorch_only(self, x: torch.Tensor) -> bool:
