@@ -104,7 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.add_argument("--model", help=f"{', '.join(MODELS)} or a timm model name [preset]")
     a.add_argument("--width", type=float, help="channel width multiplier of the paper's nets [preset]")
     a.add_argument("--baseline", default=None, metavar="PATH",
-                   help="load the baseline (a stage file of this example, or a pickled model) instead of training it")
+                   help="load the baseline (a stage file of this example: swp_plugin.save) instead of training it")
+    a.add_argument("--trust-pickle", action="store_true",
+                   help="allow --baseline / --first checkpoint:PATH to be a pickled whole model (torch.save(model)); "
+                        "unpickling runs code from the file: only for files you trust")
     t = p.add_argument_group("training (SGD, momentum 0.9)")
     t.add_argument("--batch-size", type=int, help="[preset]")
     t.add_argument("--lr", type=float, help="baseline, sparse and SWP training [preset]")
@@ -308,10 +311,13 @@ def load_checkpoint(run: Run, path: str) -> nn.Module:
         model, meta = saved
         run.metadata = {k: meta[k] for k in ("architecture", "num_classes", "input_size", "model_kwargs")}
         return model.to(run.args.device)
+    if not run.args.trust_pickle:
+        raise SystemExit(f"{path}: a pickled model (torch.save(model)), not a swp_plugin.save file; unpickling runs "
+                         "code from the file: pass --trust-pickle only for a file you trust")
     run.metadata = {}
     print(f"{path}: a pickled model of unknown architecture; the stage files are written with swp_plugin.save "
           "without an architecture (load them with swp_plugin.load(path, <a fresh instance of it>))")
-    return load_pruned_checkpoint(path, run.args.device)
+    return load_pruned_checkpoint(path, run.args.device, trust_pickle=run.args.trust_pickle)
 
 
 def dcp(run: Run, model: nn.Module) -> nn.Module:

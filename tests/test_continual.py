@@ -200,7 +200,9 @@ def test_helpers_checkpoint_and_head(tmp_path):
     model = vgg16_bn(num_classes=10, in_chans=1, width=0.125)
     assert classifier_of(model) is model.classifier and classifier_of(resnet20()).out_features == 10
     torch.save({"model": model, "epoch": 3}, tmp_path / "wrapped.pt")
-    assert isinstance(load_pruned_checkpoint(tmp_path / "wrapped.pt"), type(model))
+    with pytest.raises(ValueError, match="trust_pickle=True"):  # unpickling runs code: only when asked
+        load_pruned_checkpoint(tmp_path / "wrapped.pt")
+    assert isinstance(load_pruned_checkpoint(tmp_path / "wrapped.pt", trust_pickle=True), type(model))
     torch.save(model.state_dict(), tmp_path / "state.pt")
     with pytest.raises(ValueError, match="torch.save\\(model\\)"):
         load_pruned_checkpoint(tmp_path / "state.pt")

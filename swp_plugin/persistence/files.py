@@ -106,19 +106,23 @@ def _open(path: PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
+        if head == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save archive, or a legacy pickle
             raise PickledCheckpointError(
                 path, None, "holds pickled Python objects (a whole-module torch.save(model) file?), not a "
                 "swp_plugin.save file; loading it runs code: use torch.load(path, weights_only=False) only if you "
                 "trust it, then write it with swp_plugin.save(model, path)") from None
-        raise CheckpointError(path, None, f"is not a torch.save file ({err})") from None
+        raise CheckpointError(path, None, f"is not a swp_plugin.save file (not a torch.save archive: "
+                              f"{_kind(head)}, {size} bytes)") from None
     except Exception as err:  # the archive reader's errors: damaged, truncated, another kind of file
         if head == b"PK\x03\x04":
             raise CheckpointError(path, None, f"is damaged or truncated (the archive does not open: "
-                                  f"{str(err).splitlines()[0][:160]}); save the model again") from None
-        kind = "a text file" if head.isascii() and head.decode("ascii").isprintable() else "another kind of file"
-        raise CheckpointError(path, None, f"is not a swp_plugin.save file (not a torch.save archive: {kind}, "
-                              f"{size} bytes)") from None
+                                  f"{str(err).splitlines()[0].split('. ')[0][:160]}); save the model again") from None
+        raise CheckpointError(path, None, f"is not a swp_plugin.save file (not a torch.save archive: "
+                              f"{_kind(head)}, {size} bytes)") from None
+
+
+def _kind(head: bytes) -> str:
+    return "a text file" if head.isascii() and head.decode("ascii").strip().isprintable() else "another kind of file"
 
 
 def read(path: PathLike) -> dict:

@@ -57,6 +57,9 @@ def entry_values(path: PathLike, name: str, entry, module: nn.Module) -> Dict[st
             entry.get("type"), str):
         raise CheckpointError(path, where, "must be a dict with 'type' (str) and 'stripe' (bool)")
     if entry["stripe"]:
+        if entry["type"] != StripeConv2d.__name__:
+            raise CheckpointError(path, f"{where}['type']", f"{entry['type']!r}: a stripe entry records a "
+                                  "StripeConv2d")
         if not (type(module) is StripeConv2d or (isinstance(module, nn.Conv2d) and module.groups == 1)):
             raise CheckpointError(path, where, f"a stripe layer recorded for a {type(module).__name__}: not the "
                                   "same architecture")

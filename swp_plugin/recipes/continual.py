@@ -3,7 +3,8 @@
 * :func:`classifier_of`: the head to leave out of pruning (``ignored_layers``);
 * :class:`BNTaylorImportance`: Gate Decorator's score for BatchNorm gates, ``|gamma * dL/dgamma|`` summed
   over batches, as a torch-pruning importance (global, iterative pruning with ``tp.pruner.BasePruner``);
-* :func:`load_pruned_checkpoint`: a whole-model ``torch.save(model)`` checkpoint of an already pruned net;
+* :func:`load_pruned_checkpoint`: an already pruned net, a ``swp_plugin.save`` file (or, trusted explicitly, a
+  whole-model ``torch.save(model)`` pickle);
 * :func:`sr_for_push`: the L1 strength that moves a parameter by ``push`` over a given SGD schedule;
 * :func:`restore_filter_norms`: after ``StripePruner.step()``, scale shrunken filters back up (exactly, through
   the BatchNorm statistics) so that fine-tuning at an ordinary learning rate works.
@@ -22,7 +23,7 @@ import torch_pruning as tp
 
 from ..layers import StripeConv2d
 from ..models import create_model
-from ..persistence import load, read
+from ..persistence import CheckpointError, PickledCheckpointError, load, model_spec, read
 from ..pruning import customized_pruners
 from ..pruning.graph import build_graph, norm_after
 from .training import lr_sum
@@ -94,24 +95,27 @@ class BNTaylorImportance(tp.importance.GroupTaylorImportance):
 def saved_model(path: str | os.PathLike) -> Tuple[nn.Module, Dict] | None:
     """``(model, metadata)`` of a ``swp_plugin.save`` file whose metadata names its architecture (as
     ``examples/continual_prune.py`` writes them: ``architecture``, ``num_classes``, ``input_size``,
-    ``model_kwargs``), rebuilt with :func:`swp_plugin.load` on a fresh model; ``None`` for any other file."""
+    ``model_kwargs``, checked by :func:`swp_plugin.persistence.model_spec`), rebuilt with :func:`swp_plugin.load`
+    on a fresh model; ``None`` for a pickled file (a whole-module ``torch.save``). Any other file: ``ValueError``."""
     try:
         checkpoint = read(path)
-    except ValueError:
+    except PickledCheckpointError:
         return None
+    except CheckpointError as err:
+        raise ValueError(f"{err}. A pruned network's architecture is not in a state_dict: save the whole model "
+                         "with swp_plugin.save(model, path, architecture=...) or torch.save(model)") from None
     meta = checkpoint.get("metadata", {})
-    if not meta.get("architecture"):
-        raise ValueError(f"{path}: a swp_plugin.save file without the architecture in its metadata; load it with "
-                         "swp_plugin.load(path, fresh_model) yourself")
-    fresh = create_model(meta["architecture"], num_classes=meta["num_classes"], in_chans=meta["input_size"][0],
-                         **meta.get("model_kwargs", {}))
-    return load(path, fresh), meta
+    spec = model_spec(path, meta)
+    fresh = create_model(spec["architecture"], num_classes=spec["num_classes"], in_chans=spec["input_size"][0],
+                         **spec["model_kwargs"])
+    return load(path, fresh), {**meta, **spec}
 
 
-def load_pruned_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_pruned_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                           trust_pickle: bool = False) -> nn.Module:
     """An already pruned model: a ``swp_plugin.save`` file with its architecture in the metadata (safe,
-    ``weights_only``), or a whole model saved with ``torch.save(model)`` (e.g. by DCP's or Gate Decorator's
-    code), which is loaded with ``weights_only=False``: only load files you trust.
+    ``weights_only``), or - only with ``trust_pickle=True`` - a whole model saved with ``torch.save(model)`` (e.g.
+    by DCP's or Gate Decorator's code), loaded with ``weights_only=False``, which runs code from the file.
 
     A dict holding the model under ``model`` / ``net`` / ``module`` is accepted; a bare ``state_dict`` is
     not (a pruned network's architecture is not in its state dict).
@@ -119,6 +123,10 @@ def load_pruned_checkpoint(path: str | os.PathLike, device: str | torch.device =
     saved = saved_model(path)
     if saved is not None:
         return saved[0].to(device)
+    if not trust_pickle:
+        raise ValueError(f"{path}: holds pickled Python objects (a whole-model torch.save(model)?); unpickling it runs "
+                         "code from the file. Only for a file you trust: load_pruned_checkpoint(path, "
+                         "trust_pickle=True) (examples/continual_prune.py: --trust-pickle)")
     obj = torch.load(os.fspath(path), map_location=device, weights_only=False)
     if isinstance(obj, dict):
         modules = [obj[k] for k in ("model", "net", "module") if isinstance(obj.get(k), nn.Module)]

@@ -10,8 +10,13 @@ loaded with ``torch.ops.load_library``. So that no process ever hangs on it:
   warning that says which folder to delete if no build is running;
 * torch's own lock file (``<build dir>/lock``, left behind when a build is killed) is stale whenever we hold
   the flock: it is removed, with a warning;
-* a build counts only when its child process loaded the result and wrote ``<build dir>/ok``; anything else in
-  the folder is deleted and rebuilt.
+* a build counts only when its child process loaded the result; the parent then writes ``<build dir>/ok``, a
+  record of the library's SHA-256 and the build inputs. A library is loaded only if it matches its record: a
+  truncated, overwritten or empty ``.so`` (or a folder without a record) is deleted and rebuilt, or - where the
+  folder is read-only - refused with one warning naming the folder to delete;
+* a read-only cache holding a matching build is used as it is (no lock needed to read it);
+* no compiler: one line says so (``c++: not found``); a failed build is remembered in ``<build dir>/failed``
+  with the compiler's identity (path, size, time): later processes do not try again until the compiler changes.
 
 Build variants (environment variables, read when the kernel is first loaded):
 
@@ -52,7 +57,7 @@ spec = json.loads(sys.argv[1])
 cpp_extension.load(name=spec["name"], sources=[spec["source"]], extra_cflags=spec["cflags"],
                    extra_ldflags=spec["ldflags"], build_directory=spec["dir"], is_python_module=False, verbose=False)
 assert hasattr(torch.ops.swp_stripe, "forward")
-open(spec["ok"], "w").write("ok")
+print("SWP_BUILD_LOADED")
 """
 
 
@@ -87,7 +92,11 @@ def build_dir() -> Path:
                        + " ".join(v["cflags"]).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SWP_EXTENSIONS_DIR", Path.home() / ".cache" / "swp_plugin" / "extensions"))
     path = root / f"swp_stripe_cpu_{key}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RuntimeError(f"cannot create the kernel cache folder {path} ({err.strerror}): set "
+                           "SWP_EXTENSIONS_DIR to a writable folder") from None
     return path
 
 
@@ -120,8 +129,51 @@ def _clear(folder: Path, keep: str) -> None:
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
+def compiler() -> Dict[str, object]:
+    """The C++ compiler ``torch.utils.cpp_extension`` runs (``$CXX``, default ``c++``) and its identity (path,
+    size, modification time; ``path`` None when it is not on ``PATH``)."""
+    name = os.environ.get("CXX", "c++")
+    found = shutil.which(name)
+    if found is None:
+        return {"name": name, "path": None}
+    info = Path(found).resolve().stat()
+    return {"name": name, "path": str(Path(found).resolve()), "size": info.st_size, "mtime": info.st_mtime_ns}
+
+
+def build_inputs() -> Dict[str, object]:
+    """What a build depends on: the source's hash, torch's version, the CPU, the flags (recorded in ``ok``)."""
+    v = variant()
+    return {"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "torch": torch.__version__,
+            "cpu": hashlib.sha1(_cpu_tag().encode()).hexdigest()[:12], **v}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record(path: Path) -> Dict | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _matches(folder: Path, library: Path) -> bool:
+    """The library exists and matches the ``ok`` record of this build's inputs."""
+    record = _record(folder / "ok")
+    return (record is not None and record.get("inputs") == build_inputs() and library.is_file()
+            and record.get("sha256") == _sha256(library))
+
+
 def _compile(spec: Dict[str, object], timeout: float) -> None:
     """Run the build in a child process (its own process group, killed whole after ``timeout`` seconds)."""
+    if compiler()["path"] is None:
+        raise RuntimeError(f"no C++ compiler: {compiler()['name']}: not found (install g++, or set CXX)")
     child = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -130,35 +182,80 @@ def _compile(spec: Dict[str, object], timeout: float) -> None:
         os.killpg(child.pid, signal.SIGKILL)
         child.communicate()
         raise TimeoutError(f"the kernel build took longer than {timeout:g} s (SWP_KERNEL_TIMEOUT)") from None
-    if child.returncode != 0 or not Path(str(spec["ok"])).exists():
+    if child.returncode != 0 or "SWP_BUILD_LOADED" not in output:
         lines = output.strip().splitlines()
-        errors = [line for line in lines if "error" in line.lower()][:6] or lines[-12:]
+        errors = [line for line in lines if "error" in line.lower() or "not found" in line][:6] or lines[-12:]
         raise RuntimeError("kernel build failed: " + " | ".join(errors))
 
 
+def _remember(folder: Path, error: Exception) -> None:
+    try:
+        (folder / "failed").write_text(json.dumps({"compiler": compiler(), "inputs": build_inputs(),
+                                                   "error": f"{type(error).__name__}: {error}"}))
+    except OSError:
+        pass
+
+
+def _remembered_failure(folder: Path) -> str | None:
+    record = _record(folder / "failed")
+    if record and record.get("compiler") == compiler() and record.get("inputs") == build_inputs():
+        return str(record.get("error"))
+    return None
+
+
+def _build(folder: Path, library: Path, timeout: float) -> None:
+    """Under the build lock: build unless a matching library is there (checked again: another process may have
+    built it meanwhile)."""
+    stale = folder / "lock"
+    if stale.exists():  # we hold the flock, so torch's lock is left over from a killed build
+        warnings.warn(f"swp_plugin: removed a stale kernel build lock ({stale}) left by an interrupted "
+                      "build", RuntimeWarning, stacklevel=5)
+        stale.unlink()
+    if _matches(folder, library):
+        return
+    failure = _remembered_failure(folder)
+    if failure is not None:
+        raise RuntimeError(f"{failure} (remembered from an earlier try in {folder}: not tried again until the "
+                           "compiler changes; delete that folder to retry)")
+    if library.exists() or (folder / "ok").exists():
+        warnings.warn(f"swp_plugin: the cached kernel library {library} does not match its build record "
+                      "(truncated or overwritten?); rebuilding it", RuntimeWarning, stacklevel=5)
+    _clear(folder, keep="build.flock")
+    v = variant()
+    spec = {"name": folder.name, "source": str(SOURCE), "cflags": v["cflags"], "ldflags": v["ldflags"],
+            "dir": str(folder)}
+    try:
+        _compile(spec, timeout)
+    except (RuntimeError, TimeoutError) as err:
+        if not isinstance(err, TimeoutError):
+            _remember(folder, err)
+        raise
+    (folder / "ok").write_text(json.dumps({"sha256": _sha256(library), "inputs": build_inputs()}))
+
+
 def load() -> None:
-    """Build (if needed) and load the kernel library into this process; raises on any failure."""
+    """Build (if needed) and load the kernel library into this process; raises on any failure. A library is
+    loaded only after it matched its record (``ok``)."""
     folder, timeout = build_dir(), _timeout()
-    name = folder.name
-    library, ok = folder / f"{name}.so", folder / "ok"
-    with open(folder / "build.flock", "a") as handle:
-        if not _acquire(handle, timeout):
-            raise TimeoutError(f"another process has held the kernel build lock for {timeout:g} s "
-                               f"(SWP_KERNEL_TIMEOUT); if no build is running, delete {folder}")
+    library = folder / f"{folder.name}.so"
+    if not _matches(folder, library):
         try:
-            stale = folder / "lock"
-            if stale.exists():  # we hold the flock, so torch's lock is left over from a killed build
-                warnings.warn(f"swp_plugin: removed a stale kernel build lock ({stale}) left by an interrupted "
-                              "build", RuntimeWarning, stacklevel=4)
-                stale.unlink()
-            if not (ok.exists() and library.exists()):
-                _clear(folder, keep="build.flock")
-                v = variant()
-                spec = {"name": name, "source": str(SOURCE), "cflags": v["cflags"], "ldflags": v["ldflags"],
-                        "dir": str(folder), "ok": str(ok)}
-                _compile(spec, timeout)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle = open(folder / "build.flock", "a")
+        except OSError as err:  # a read-only cache without a matching build
+            raise RuntimeError(f"the kernel cache {folder} holds no valid build (missing, truncated or overwritten "
+                               f"library) and is not writable ({err.strerror}): delete that folder or point "
+                               "SWP_EXTENSIONS_DIR to a writable one") from None
+        with handle:
+            if not _acquire(handle, timeout):
+                raise TimeoutError(f"another process has held the kernel build lock for {timeout:g} s "
+                                   f"(SWP_KERNEL_TIMEOUT); if no build is running, delete {folder}")
+            try:
+                _build(folder, library, timeout)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        if not _matches(folder, library):
+            raise RuntimeError(f"the kernel library in {folder} does not match its build record after the build; "
+                               "delete that folder")
     torch.ops.load_library(str(library))
     if not hasattr(torch.ops.swp_stripe, "forward"):
         raise RuntimeError(f"{library} loaded but registered no swp_stripe::forward")
