@@ -1,8 +1,11 @@
-"""swp_plugin.layers.kernels.build: loading the compiled kernel never hangs a process.
+"""swp_plugin.layers.kernels.build: loading the compiled kernel never hangs, never crashes a process.
 
 A build killed midway (Ctrl-C, OOM kill, CI time-out) leaves torch's ``lock`` file behind; another process
-holding the build lock must not block anyone for longer than ``SWP_KERNEL_TIMEOUT``. Each case runs in fresh
-processes (the kernel loads once per process) against a copy of this machine's build in a temporary folder.
+holding the build lock must not block anyone for longer than ``SWP_KERNEL_TIMEOUT``. A damaged library (truncated,
+overwritten, empty) is found by its hash before it is loaded (it used to kill every process with SIGBUS/SIGTRAP);
+a read-only cache with a good build is used; a missing compiler is said in one line and remembered. Each case runs
+in fresh processes (the kernel loads once per process) against a copy of this machine's build in a temporary
+folder (its own ``SWP_EXTENSIONS_DIR``).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,10 +34,18 @@ def _copy_build(tmp_path: Path) -> Path:
     return target
 
 
-def _probe(tmp_path: Path, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+def _probe(tmp_path: Path, timeout: float = 120, user: int | None = None, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "SWP_EXTENSIONS_DIR": str(tmp_path / "extensions"), **env}
+    environment = {k: v for k, v in environment.items() if v is not None}
     return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=timeout,
-                          env=environment)
+                          env=environment, user=user)
+
+
+def _no_compiler(tmp_path: Path) -> dict:
+    """Environment of a process with no C++ compiler on ``PATH`` (an empty folder)."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    return {"PATH": str(empty), "CXX": None}
 
 
 @needs_cpp
@@ -76,3 +88,122 @@ def test_an_unfinished_build_is_rebuilt(tmp_path):
     result = _probe(tmp_path, timeout=600)
     assert "available True" in result.stdout, result.stderr
     assert (folder / "ok").exists() and library.stat().st_size > 1000
+
+
+def _damage(library: Path, how: str) -> None:
+    data = library.read_bytes()
+    if how == "truncated-1000":
+        library.write_bytes(data[:1000])
+    elif how == "truncated-half":
+        library.write_bytes(data[: len(data) // 2])
+    elif how == "overwritten":  # same size, code bytes changed (SIGTRAP before)
+        middle = len(data) // 2
+        library.write_bytes(data[:middle] + b"\xcc" * 4096 + data[middle + 4096:])
+    else:
+        library.write_bytes(b"")
+
+
+@needs_cpp
+@pytest.mark.parametrize("how", ["truncated-1000", "truncated-half", "overwritten", "zero-byte"])
+def test_a_damaged_library_is_never_loaded(tmp_path, how):
+    """The ``ok`` marker intact, the ``.so`` damaged: found by its hash before ``load_library`` (no SIGBUS); with no
+    compiler to rebuild it, one warning says so and the process runs on the PyTorch paths."""
+    folder = _copy_build(tmp_path)
+    _damage(next(folder.glob("*.so")), how)
+    result = _probe(tmp_path, **_no_compiler(tmp_path))
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert "available False" in result.stdout
+    assert "does not match its build record" in result.stderr and str(folder) in result.stderr
+    assert "c++: not found" in result.stderr
+
+
+@pytest.mark.slow
+@needs_cpp
+@pytest.mark.parametrize("how", ["truncated-half", "overwritten", "zero-byte"])
+def test_a_damaged_library_is_rebuilt(tmp_path, how):
+    folder = _copy_build(tmp_path)
+    library = next(folder.glob("*.so"))
+    _damage(library, how)
+    result = _probe(tmp_path, timeout=600)
+    assert "available True" in result.stdout, result.stderr
+    assert "rebuilding it" in result.stderr
+    assert library.stat().st_size > 1000 and build._matches(folder, library)
+
+
+def _shared_tmp() -> Path:
+    """A temporary folder another user can enter (pytest's tmp_path is private to its user)."""
+    folder = Path(tempfile.mkdtemp(prefix="swp-kernel-test-"))
+    folder.chmod(0o755)
+    return folder
+
+
+def _read_only(tmp: Path, folder: Path) -> dict:
+    """Make ``folder`` read-only for the probe: as root, run the probe as ``nobody`` (root writes anywhere)."""
+    for path in [folder, *folder.iterdir()]:
+        path.chmod(path.stat().st_mode & ~0o222 | 0o444)
+    (tmp / "extensions").chmod(0o555)
+    return {"user": 65534, "HOME": str(tmp)} if os.geteuid() == 0 else {}
+
+
+@needs_cpp
+def test_a_read_only_cache_with_a_good_build_is_used():
+    tmp = _shared_tmp()
+    try:
+        folder = _copy_build(tmp)
+        result = _probe(tmp, **_read_only(tmp, folder))
+        assert "available True" in result.stdout, result.stderr
+        assert "Permission" not in result.stderr
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(tmp)], check=True)
+        shutil.rmtree(tmp)
+
+
+@needs_cpp
+def test_a_read_only_cache_with_a_damaged_build_is_refused_with_the_folder_named():
+    tmp = _shared_tmp()
+    try:
+        folder = _copy_build(tmp)
+        _damage(next(folder.glob("*.so")), "truncated-half")
+        result = _probe(tmp, **_read_only(tmp, folder))
+        assert result.returncode == 0 and "available False" in result.stdout, result.stderr
+        assert "holds no valid build" in result.stderr and str(folder) in result.stderr
+        assert result.stderr.count("compiled stripe kernel unavailable") == 1
+    finally:
+        subprocess.run(["chmod", "-R", "u+w", str(tmp)], check=True)
+        shutil.rmtree(tmp)
+
+
+def test_no_compiler_is_said_in_one_line_and_remembered(tmp_path):
+    """Without a compiler the warning says ``c++: not found`` (it used to filter that line out) and the failure is
+    remembered: later processes do not try again until the compiler changes."""
+    first = _probe(tmp_path, **_no_compiler(tmp_path))
+    assert "available False" in first.stdout
+    warning = [line for line in first.stderr.splitlines() if "compiled stripe kernel unavailable" in line]
+    assert len(warning) == 1 and "c++: not found" in warning[0]
+    assert (build_folder(tmp_path) / "failed").exists()
+    second = _probe(tmp_path, **_no_compiler(tmp_path))
+    assert "available False" in second.stdout and "not tried again until the compiler changes" in second.stderr
+
+
+def test_a_failed_build_is_not_retried_until_the_compiler_changes(tmp_path):
+    """A compiler that fails (here a script that logs its calls and exits 1) is run once; a changed compiler (a new
+    modification time) is tried again."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "c++"
+    fake.write_text(f"#!/bin/sh\necho called >> {log}\necho 'fake: error: broken compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(shutil.which('sh'))}", "CXX": None}
+    first = _probe(tmp_path, **env)
+    assert "available False" in first.stdout, first.stderr
+    calls = log.read_text().count("called") if log.exists() else 0
+    second = _probe(tmp_path, **env)
+    assert "available False" in second.stdout and "not tried again" in second.stderr
+    assert (log.read_text().count("called") if log.exists() else 0) == calls
+    os.utime(fake, ns=(fake.stat().st_atime_ns, fake.stat().st_mtime_ns + 10**9))
+    third = _probe(tmp_path, **env)
+    assert "available False" in third.stdout and "not tried again" not in third.stderr
+
+
+def build_folder(tmp_path: Path) -> Path:
+    return tmp_path / "extensions" / build.build_dir().name

@@ -1,18 +1,30 @@
-"""save/load without pickled code, whole-module torch.save, training checkpoints with skeletons."""
+"""save/load without pickled code, whole-module torch.save, training checkpoints with skeletons; files as
+untrusted input (issue 21): every reproduction of the issue, a killed save, the loader fuzz."""
 
 from __future__ import annotations
 
+import os
 import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from conftest import calibrate_bn, randomize_skeletons, regularized_step
 
 import swp_plugin
-from swp_plugin import StripeConv2d, StripePruner
+from swp_plugin import StripeConv2d, StripePruner, cli
 from swp_plugin.layers.config import use_backend
+from swp_plugin.layers.kernels import cpu as cpu_kernel
 from swp_plugin.models import create_model
+from swp_plugin.persistence import CheckpointError, digest, model_spec
+from swp_plugin.testing import random_stripe_model
 
 MODELS = ["vgg16_bn", "resnet56", "resnet18", "mobilenetv2_100", "densenet121"]
 
@@ -95,3 +107,213 @@ def test_training_checkpoint_with_skeletons_resumes(tmp_path):
         assert torch.equal(resumed(x), model(x))
     regularized_step(resumed, resumed_pruner, x)  # training goes on
     resumed_pruner.step()
+
+
+# ------------------------------------------------------------------ files are untrusted input (issue 21)
+needs_cpp = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no compiled kernel: {cpu_kernel.build_error()}")
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+
+
+def _edited(path: Path, target: Path, edit, fix_digest: bool = True) -> Path:
+    """``path``'s checkpoint edited by ``edit(checkpoint)`` and written to ``target`` (its digest recomputed, as
+    someone editing the file on purpose would)."""
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    if fix_digest and "digest" in checkpoint:
+        checkpoint["digest"] = digest(checkpoint)
+    torch.save(checkpoint, target)
+    return target
+
+
+def _stripe_file(tmp_path: Path) -> Path:
+    model = random_stripe_model(_net(), keep=0.5)
+    swp_plugin.save(model, tmp_path / "stripe.pt")
+    return tmp_path / "stripe.pt"
+
+
+FORWARD_IN_CHILD = """
+import sys, torch, torch.nn as nn, swp_plugin
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+try:
+    model = swp_plugin.load(sys.argv[1], net)
+except ValueError as err:
+    print("refused:", err)
+    raise SystemExit(0)
+with torch.no_grad():
+    print("max", float(model(x).abs().max()))
+"""
+
+
+def _child_forward(path: Path) -> str:
+    result = subprocess.run([sys.executable, "-c", FORWARD_IN_CHILD, str(path)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"exit {result.returncode} (a crash?)\n{result.stderr[-2000:]}"
+    return result.stdout.strip()
+
+
+@needs_cpp
+@pytest.mark.parametrize("field, value", [("ptr", 10**9), ("ptr", -5), ("phase_info", -100000),
+                                          ("entries", 10**6), ("rows", 10**6)])
+def test_a_kernel_plan_is_never_read_from_a_file(tmp_path, field, value):
+    """The issue's SIGSEGV: a deployed file whose plan tensors (``ptr``, ``phase_info``...) were edited. Plans are
+    derived from the checked stripe indexes, never loaded: the edited plan of an old-format file is ignored and
+    the output is the good file's (in a fresh process: a crash fails the test, it does not kill the run)."""
+    x = torch.randn(1, 3, 16, 16)
+    deployed = swp_plugin.deploy(_net(), x, choices={"0": "kernel"})
+    swp_plugin.save(deployed, tmp_path / "dep.pt")
+    assert not any(k.endswith((".ptr", ".phase_info", ".entries", ".rows")) for k in
+                   torch.load(tmp_path / "dep.pt", weights_only=True)["state_dict"])
+    good = _child_forward(tmp_path / "dep.pt")
+    layer = deployed.get_submodule("0")
+
+    def old_format_with_bad_plan(ck):
+        ck["format"] = "swp_plugin/1"
+        del ck["digest"]
+        for name in ("rows", "phase_info", "ptr", "entries"):
+            ck["state_dict"][f"0.{name}"] = getattr(layer, name).clone()
+        plan = ck["state_dict"][f"0.{field}"]
+        if plan.numel() == 0:
+            ck["state_dict"][f"0.{field}"] = torch.tensor([value])
+        else:
+            plan.view(-1)[min(1, plan.numel() - 1)] = value
+
+    bad = _edited(tmp_path / "dep.pt", tmp_path / "bad.pt", old_format_with_bad_plan)
+    assert good.startswith("max") and _child_forward(bad) == good
+
+
+@needs_cpp
+@pytest.mark.parametrize("field, value", [("stripe_out", 10**9), ("stripe_pos", -1), ("stripe_pos", 0)])
+def test_deployed_stripe_indexes_are_checked(tmp_path, field, value):
+    x = torch.randn(1, 3, 16, 16)
+    swp_plugin.save(swp_plugin.deploy(_net(), x, choices={"0": "kernel"}), tmp_path / "dep.pt")
+
+    def edit(ck):
+        ck["state_dict"][f"0.{field}"][-1] = value  # out of range, or out of order (position 0 last)
+
+    out = _child_forward(_edited(tmp_path / "dep.pt", tmp_path / "bad.pt", edit))
+    assert out.startswith(f"refused: {tmp_path / 'bad.pt'}") and field in out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["0.stripe_pos"].__setitem__(0, 9), r"stripe_pos\[0\] = 9 is outside \[0, 9\)"),
+    (lambda s: s["0.stripe_out"].__setitem__(0, -1), r"stripe_out\[0\] = -1 is outside"),
+    (lambda s: s["0.stripe_pos"].__setitem__(slice(None), s["0.stripe_pos"].flip(0)), "out of order"),
+    (lambda s: s["0.stripe_out"].__setitem__(1, int(s["0.stripe_out"][0])), "duplicates|out of order"),
+    (lambda s: s.__setitem__("0.stripe_out", s["0.stripe_out"][:-1]), "shape"),
+    (lambda s: s.__setitem__("0.stripe_pos", s["0.stripe_pos"].int()), "dtype torch.int32"),
+])
+def test_stripe_indexes_are_checked(tmp_path, edit, message):
+    """Edited ``stripe_pos`` / ``stripe_out`` made the cpp, stripe and dense backends compute different things."""
+    bad = _edited(_stripe_file(tmp_path), tmp_path / "bad.pt", lambda ck: edit(ck["state_dict"]))
+    with pytest.raises(CheckpointError, match=message) as info:
+        swp_plugin.load(bad, _net())
+    assert str(info.value).startswith(str(bad)) and "state_dict['0.stripe" in str(info.value)
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("1", "eps", 100.0, r"structure\['1'\]\['eps'\]: unknown key"),
+    ("0", "stride", [2, 2], r"structure\['0'\]\['stride'\]: unknown key"),
+    ("0", "out_channels", 10**9, r"\['out_channels'\]: 1000000000 must be an int in \[1, 8\]"),
+    ("1", "num_features", "8", r"\['num_features'\]: '8' must be an int"),
+    ("1", "type", "Linear", "records a Linear, the model has a BatchNorm2d"),
+])
+def test_structure_entries_follow_the_schema(tmp_path, name, key, value, message):
+    """Any key of an entry used to be setattr'd onto the module (``eps=100`` on a BatchNorm: output off by 22%)."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)).eval()
+    swp_plugin.save(model, tmp_path / "m.pt")
+    bad = _edited(tmp_path / "m.pt", tmp_path / "bad.pt", lambda ck: ck["structure"][name].__setitem__(key, value))
+    with pytest.raises(CheckpointError, match=message):
+        swp_plugin.load(bad, nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)))
+
+
+def test_a_stripe_entry_cannot_change_the_convolution(tmp_path):
+    bad = _edited(_stripe_file(tmp_path), tmp_path / "bad.pt",
+                  lambda ck: ck["structure"]["0"].__setitem__("stride", [2, 2]))
+    with pytest.raises(CheckpointError, match=r"\['stride'\]: \[2, 2\] differs from the model's \(1, 1\)"):
+        swp_plugin.load(bad, _net())
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, value):
+    bad = _edited(_stripe_file(tmp_path), tmp_path / "bad.pt",
+                  lambda ck: ck["state_dict"]["0.weight"].view(-1).__setitem__(3, value))
+    with pytest.raises(CheckpointError, match=r"state_dict\['0.weight'\]: 1 NaN/Inf"):
+        swp_plugin.load(bad, _net())
+
+
+def test_a_damaged_file_is_refused_by_its_digest(tmp_path):
+    path = _stripe_file(tmp_path)
+    bad = _edited(path, tmp_path / "bad.pt", lambda ck: ck["state_dict"]["0.weight"].view(-1).__setitem__(0, 0.5),
+                  fix_digest=False)
+    with pytest.raises(CheckpointError, match="digest: the content does not match"):
+        swp_plugin.load(bad, _net())
+
+
+def test_unclear_files_get_clear_errors(tmp_path):
+    path = _stripe_file(tmp_path)
+    data = path.read_bytes()
+    cases = {"empty.pt": (b"", "is empty \\(0 bytes\\)"),
+             "half.pt": (data[: len(data) // 2], "is damaged or truncated"),
+             "k1000.pt": (data[:1000], "is damaged or truncated"),
+             "text.pt": (b"hello, world\n", "is not a swp_plugin.save file \\(not a torch.save archive: a text file")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"^{tmp_path / name}: {message}"):
+            swp_plugin.load(tmp_path / name, _net())
+    for key in ("structure", "state_dict"):
+        bad = _edited(path, tmp_path / f"no-{key}.pt", lambda ck, key=key: ck.pop(key))
+        with pytest.raises(CheckpointError, match=f"{key}: missing"):
+            swp_plugin.load(bad, _net())
+    newer = _edited(path, tmp_path / "newer.pt", lambda ck: ck.__setitem__("format", "swp_plugin/7"))
+    with pytest.raises(CheckpointError, match="written by a newer swp_plugin .* upgrade swp_plugin"):
+        swp_plugin.load(newer, _net())
+
+
+def test_metadata_is_checked_before_a_model_is_built(tmp_path):
+    """``model_kwargs`` went to ``timm.create_model`` as they were (a file could make `swp report` open another
+    file it names); a file without ``num_classes`` gave a raw KeyError."""
+    model = create_model("resnet20", num_classes=10)
+    swp_plugin.save(model, tmp_path / "m.pt", architecture="resnet20", num_classes=10, input_size=[3, 32, 32],
+                    model_kwargs={"width": 1.0})
+    meta = swp_plugin.persistence.read(tmp_path / "m.pt")["metadata"]
+    assert model_spec(tmp_path / "m.pt", meta)["model_kwargs"] == {"width": 1.0}
+    for edit, message in [({"model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}, "unknown key"),
+                          ({"num_classes": None}, r"\['num_classes'\]: None must be an int"),
+                          ({"input_size": [3, 32]}, r"\['input_size'\]: \[3, 32\] must be \[C, H, W\]"),
+                          ({"architecture": "../x"}, "is not a model name")]:
+        with pytest.raises(CheckpointError, match=message):
+            model_spec(tmp_path / "m.pt", {**meta, **edit})
+    bad = _edited(tmp_path / "m.pt", tmp_path / "bad.pt",
+                  lambda ck: ck["metadata"]["model_kwargs"].update(pretrained_cfg_overlay={"file": "x"}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["report", str(bad)])
+    assert exit_info.value.code == 2
+
+
+def test_a_killed_save_never_damages_the_previous_file(tmp_path):
+    """SIGKILL at random moments of saves over an existing file (a forked child saving in a loop): the file is
+    always a complete model, the old or a new one (it used to be left at 0 bytes or cut)."""
+    path = tmp_path / "model.pt"
+    model = nn.Linear(2000, 4000)  # 32 MB: a save takes a while
+    swp_plugin.save(model, path, version=0)
+    rng = random.Random(0)
+    for _ in range(8):
+        pid = os.fork()
+        if pid == 0:  # the child: save until killed
+            try:
+                for i in range(1, 10**6):
+                    swp_plugin.save(model, path, version=i)
+            finally:
+                os._exit(1)
+        time.sleep(rng.uniform(0.0, 0.6))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        checkpoint = swp_plugin.persistence.read(path)  # complete: its digest matches
+        assert isinstance(checkpoint["metadata"]["version"], int)
+        swp_plugin.load(path, nn.Linear(2000, 4000))

@@ -90,8 +90,9 @@ def digest(checkpoint: Dict) -> str:
     h = hashlib.sha256()
     plain = {k: checkpoint.get(k) for k in ("format", "structure", "metadata", "deploy")}
     h.update(json.dumps(plain, sort_keys=True, default=str).encode())
-    for key in sorted(checkpoint["state_dict"]):
-        tensor = checkpoint["state_dict"][key]
+    state = checkpoint.get("state_dict", {})
+    for key in sorted(state):
+        tensor = state[key]
         h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
