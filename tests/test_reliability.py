@@ -5,7 +5,11 @@ Every case here has a row in docs/reliability.md with the same behaviour text (c
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,8 +19,10 @@ import torch.nn as nn
 from conftest import calibrate_bn, outputs_around_step, randomize_skeletons, regularized_step, rel_err
 from torch.nn.utils import parametrize
 
-from swp_plugin import StripeConv2d, StripePruner
+import swp_plugin
+from swp_plugin import StripeConv2d, StripePruner, cli
 from swp_plugin.models import resnet20
+from swp_plugin.recipes.continual import load_pruned_checkpoint
 
 CASES: dict = {}
 
@@ -295,3 +301,89 @@ def test_docs_reliability_lists_every_case():
         if match:
             rows[match.group(1)] = match.group(2).strip()
     assert rows == CASES
+
+
+# ------------------------------------------------------------------ deployed models, the CLI, checkpoints (issue 21)
+@case("deployed-model-trained", "a deployed model asked for gradients (requires_grad turned on, or an input that "
+      "requires grad) raises RuntimeError: inference only, train before deploy()")
+def test_deployed_model_refuses_to_train():
+    """It used to train silently wrong: backward ran, the kernel convs got no gradient, only the Linear learned."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16 * 16, 2)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    deployed = swp_plugin.deploy(net, x, choices={"0": "kernel"})
+    if not isinstance(deployed.get_submodule("0"), swp_plugin.DeployedStripeConv2d):
+        pytest.skip("no compiled kernel here: the conv was deployed dense")
+    deployed.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference-only .* train the model before deploy"):
+        deployed(x).sum().backward()
+    deployed.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="its input"):
+        deployed(x.clone().requires_grad_(True))
+    with torch.no_grad():
+        deployed.requires_grad_(True)
+        assert deployed(x).shape == (1, 2)  # inference still works
+
+
+@case("deploy-non-tensor-input", "deploy(model, 1.0): TypeError naming the example input and what to pass")
+def test_deploy_with_a_non_tensor_example():
+    with pytest.raises(TypeError, match="example input 0 is a float, not a tensor"):
+        swp_plugin.deploy(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), 1.0)
+
+
+def _read_only(folder: Path) -> bool:
+    """Make ``folder`` read-only, also for root (the immutable attribute); False where that is not possible."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return True
+    return bool(shutil.which("chattr")) and subprocess.run(["chattr", "+i", str(folder)],
+                                                           capture_output=True).returncode == 0
+
+
+@case("prune-output-not-writable", "`swp prune --out` in a folder that cannot be written: exit 2 naming the path, "
+      "before any work")
+def test_prune_checks_the_output_before_the_work(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if not _read_only(folder):
+        pytest.skip("running as root without chattr +i here: cannot make a folder read-only")
+    try:
+        out = folder / "pruned.pt"
+        result = subprocess.run([sys.executable, "-m", "swp_plugin", "prune", "resnet20", "--macs-reduction", "0.3",
+                                 "--num-classes", "10", "--input-size", "3", "32", "32", "--out", str(out)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert f"cannot write {out}" in result.stderr and "not writable" in result.stderr
+        assert "building" not in result.stderr  # nothing was done
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True) if os.geteuid() == 0 else folder.chmod(
+            0o755)
+
+
+@case("prune-progress", "`swp prune` says what it is doing on stderr (building, MACs, pruning, writing)")
+def test_prune_reports_progress(tmp_path, capsys):
+    out = tmp_path / "pruned.pt"
+    assert cli.main(["prune", "resnet20", "--macs-reduction", "0.3", "--num-classes", "10", "--input-size", "3", "32",
+                     "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert all(f"swp: {word}" in err for word in ("building resnet20", "pruned; writing"))
+    assert "ranking and pruning" in err and out.exists()
+
+
+@case("pickled-checkpoint", "load_pruned_checkpoint (continual_prune.py --baseline / --first checkpoint:) of a "
+      "pickled file: ValueError, nothing unpickled; trust_pickle=True (--trust-pickle) loads it")
+def test_a_pickled_checkpoint_needs_an_explicit_flag(tmp_path):
+    marker = tmp_path / "payload-ran"
+    torch.save({"model": _Payload(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        load_pruned_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling it creates a file: proof that a pickle ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

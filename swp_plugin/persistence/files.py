@@ -106,7 +106,7 @@ def _open(path: PathLike):
         head = f.read(4)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError:
         if head == b"PK\x03\x04" or head[:1] == b"\x80":  # a torch.save archive, or a legacy pickle
             raise PickledCheckpointError(
                 path, None, "holds pickled Python objects (a whole-module torch.save(model) file?), not a "

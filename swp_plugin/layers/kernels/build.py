@@ -215,12 +215,16 @@ def _build(folder: Path, library: Path, timeout: float) -> None:
         return
     failure = _remembered_failure(folder)
     if failure is not None:
-        raise RuntimeError(f"{failure} (remembered from an earlier try in {folder}: not tried again until the "
-                           "compiler changes; delete that folder to retry)")
+        raise RuntimeError(f"not retried until the compiler changes (a build failed before; delete {folder} to "
+                           f"retry): {failure}")
     if library.exists() or (folder / "ok").exists():
         warnings.warn(f"swp_plugin: the cached kernel library {library} does not match its build record "
                       "(truncated or overwritten?); rebuilding it", RuntimeWarning, stacklevel=5)
-    _clear(folder, keep="build.flock")
+    try:
+        _clear(folder, keep="build.flock")
+    except OSError as err:
+        raise RuntimeError(f"the kernel cache {folder} holds no valid build and cannot be cleared ({err.strerror}): "
+                           "delete that folder or point SWP_EXTENSIONS_DIR to a writable one") from None
     v = variant()
     spec = {"name": folder.name, "source": str(SOURCE), "cflags": v["cflags"], "ldflags": v["ldflags"],
             "dir": str(folder)}
@@ -238,7 +242,7 @@ def load() -> None:
     loaded only after it matched its record (``ok``)."""
     folder, timeout = build_dir(), _timeout()
     library = folder / f"{folder.name}.so"
-    if not _matches(folder, library):
+    if (folder / "lock").exists() or not _matches(folder, library):  # a good build needs no lock to be read
         try:
             handle = open(folder / "build.flock", "a")
         except OSError as err:  # a read-only cache without a matching build
