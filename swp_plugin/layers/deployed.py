@@ -15,14 +15,14 @@ with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_fo
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .checks import check_stripes, placeholder_stripes
+from .checks import check_stripes
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import scatter_dense
@@ -109,28 +109,6 @@ class DeployedStripeConv2d(nn.Module):
         unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + n for n in PLAN_BUFFERS}]
         if not error_msgs:
             self._derive_plan()
-
-    def config(self) -> Dict[str, object]:
-        """The hyperparameters (plain Python) that, with the state dict, define the layer: see :meth:`from_config`."""
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels, "num_stripes": self.num_stripes,
-                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "dilation": list(self.dilation),
-                "padding": list(self.pad), "padding_mode": self.padding_mode, "same_dynamic": self.same_dynamic,
-                "act": self.act, "residual": self.residual}
-
-    @classmethod
-    def from_config(cls, config: Dict[str, object]) -> DeployedStripeConv2d:
-        """A layer of the given :meth:`config` with zero weights and placeholder stripes (valid, sorted), to be
-        filled by ``load_state_dict``. ``padding``: ``(left, right, top, bottom)``."""
-        c = dict(config)
-        kh, kw = c["kernel_size"]
-        if not 0 <= c["num_stripes"] <= c["out_channels"] * kh * kw:
-            raise ValueError(f"num_stripes={c['num_stripes']} is outside [0, out_channels * kh * kw = "
-                             f"{c['out_channels'] * kh * kw}]")
-        layer = StripeConv2d(c["in_channels"], c["out_channels"], (kh, kw), c["stride"], 0, c["dilation"], True,
-                             c["padding_mode"], c["num_stripes"], c["same_dynamic"])
-        layer.padding = _padding_spec(tuple(c["padding"]))
-        layer.stripe_out, layer.stripe_pos = placeholder_stripes(c["num_stripes"], c["out_channels"])
-        return cls(layer, act=c["act"], residual=c["residual"])
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:

@@ -58,7 +58,9 @@ def atomic_save(obj, path: PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file in the same folder (flushed and fsynced), then
     ``os.replace``: ``path`` holds the previous file or the complete new one, never a part (a process killed
     mid-save leaves at most a ``.<name>.*.tmp`` file behind)."""
-    path = Path(path)
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)  # a link: replace what it points to
+    if not path.resolve().parent.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {path.resolve().parent} does not exist")
     handle, temporary = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as f:
