@@ -137,67 +137,75 @@ def _stripe_file(tmp_path: Path) -> Path:
 
 FORWARD_IN_CHILD = """
 import sys, torch, torch.nn as nn, swp_plugin
-torch.manual_seed(0)
-net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
 x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-try:
-    model = swp_plugin.load(sys.argv[1], net)
-except ValueError as err:
-    print("refused:", err)
-    raise SystemExit(0)
-with torch.no_grad():
-    print("max", float(model(x).abs().max()))
+for path in sys.argv[1:]:
+    torch.manual_seed(0)
+    try:
+        model = swp_plugin.load(path, nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval())
+    except ValueError as err:
+        print("refused:", err, flush=True)
+        continue
+    with torch.no_grad():
+        print("max", float(model(x).abs().max()), flush=True)
 """
 
 
-def _child_forward(path: Path) -> str:
-    result = subprocess.run([sys.executable, "-c", FORWARD_IN_CHILD, str(path)], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"exit {result.returncode} (a crash?)\n{result.stderr[-2000:]}"
-    return result.stdout.strip()
+def _child_forward(*paths: Path) -> list:
+    """One line per file: its output's max, or the loader's error (in one fresh process: a crash fails the test
+    instead of killing the run)."""
+    result = subprocess.run([sys.executable, "-c", FORWARD_IN_CHILD, *map(str, paths)], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, f"exit {result.returncode} (a crash?)\n{result.stdout}\n{result.stderr[-2000:]}"
+    return result.stdout.strip().splitlines()
+
+
+PLAN_EDITS = [("ptr", 10**9), ("ptr", -5), ("phase_info", -100000), ("entries", 10**6), ("rows", 10**6)]
 
 
 @needs_cpp
-@pytest.mark.parametrize("field, value", [("ptr", 10**9), ("ptr", -5), ("phase_info", -100000),
-                                          ("entries", 10**6), ("rows", 10**6)])
-def test_a_kernel_plan_is_never_read_from_a_file(tmp_path, field, value):
-    """The issue's SIGSEGV: a deployed file whose plan tensors (``ptr``, ``phase_info``...) were edited. Plans are
-    derived from the checked stripe indexes, never loaded: the edited plan of an old-format file is ignored and
-    the output is the good file's (in a fresh process: a crash fails the test, it does not kill the run)."""
+def test_a_kernel_plan_is_never_read_from_a_file(tmp_path):
+    """The issue's SIGSEGV (``ptr`` edited) and silent out-of-bounds read (``phase_info[0, 0] = -100000``: values
+    around 3e30): a deployed file whose plan tensors were edited. Plans are derived from the checked stripe
+    indexes, never loaded: the edited plan of an old-format file (format 1 stored plans) is ignored and the
+    output is the good file's."""
     x = torch.randn(1, 3, 16, 16)
     deployed = swp_plugin.deploy(_net(), x, choices={"0": "kernel"})
     swp_plugin.save(deployed, tmp_path / "dep.pt")
     assert not any(k.endswith((".ptr", ".phase_info", ".entries", ".rows")) for k in
                    torch.load(tmp_path / "dep.pt", weights_only=True)["state_dict"])
-    good = _child_forward(tmp_path / "dep.pt")
     layer = deployed.get_submodule("0")
 
-    def old_format_with_bad_plan(ck):
-        ck["format"] = "swp_plugin/1"
-        del ck["digest"]
-        for name in ("rows", "phase_info", "ptr", "entries"):
-            ck["state_dict"][f"0.{name}"] = getattr(layer, name).clone()
-        plan = ck["state_dict"][f"0.{field}"]
-        if plan.numel() == 0:
-            ck["state_dict"][f"0.{field}"] = torch.tensor([value])
-        else:
-            plan.view(-1)[min(1, plan.numel() - 1)] = value
+    def old_format_with_bad_plan(field, value):
+        def edit(ck):
+            ck["format"] = "swp_plugin/1"
+            del ck["digest"]
+            for name in ("rows", "phase_info", "ptr", "entries"):
+                ck["state_dict"][f"0.{name}"] = getattr(layer, name).clone()
+            plan = ck["state_dict"][f"0.{field}"]
+            if plan.numel() == 0:
+                ck["state_dict"][f"0.{field}"] = torch.tensor([value])
+            else:
+                plan.view(-1)[min(1, plan.numel() - 1)] = value
+        return edit
 
-    bad = _edited(tmp_path / "dep.pt", tmp_path / "bad.pt", old_format_with_bad_plan)
-    assert good.startswith("max") and _child_forward(bad) == good
+    bad = [_edited(tmp_path / "dep.pt", tmp_path / f"bad{i}.pt", old_format_with_bad_plan(*edit))
+           for i, edit in enumerate(PLAN_EDITS)]
+    good, *outputs = _child_forward(tmp_path / "dep.pt", *bad)
+    assert good.startswith("max") and outputs == [good] * len(PLAN_EDITS)
 
 
 @needs_cpp
-@pytest.mark.parametrize("field, value", [("stripe_out", 10**9), ("stripe_pos", -1), ("stripe_pos", 0)])
-def test_deployed_stripe_indexes_are_checked(tmp_path, field, value):
+def test_deployed_stripe_indexes_are_checked(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     swp_plugin.save(swp_plugin.deploy(_net(), x, choices={"0": "kernel"}), tmp_path / "dep.pt")
+    edits = [("stripe_out", 10**9), ("stripe_pos", -1), ("stripe_pos", 0)]  # out of range, position 0 last
 
-    def edit(ck):
-        ck["state_dict"][f"0.{field}"][-1] = value  # out of range, or out of order (position 0 last)
+    def edit(field, value):
+        return lambda ck: ck["state_dict"][f"0.{field}"].__setitem__(-1, value)
 
-    out = _child_forward(_edited(tmp_path / "dep.pt", tmp_path / "bad.pt", edit))
-    assert out.startswith(f"refused: {tmp_path / 'bad.pt'}") and field in out
+    bad = [_edited(tmp_path / "dep.pt", tmp_path / f"bad{i}.pt", edit(*e)) for i, e in enumerate(edits)]
+    for path, (field, _), line in zip(bad, edits, _child_forward(*bad)):
+        assert line.startswith(f"refused: {path}") and field in line, line
 
 
 @pytest.mark.parametrize("edit, message", [

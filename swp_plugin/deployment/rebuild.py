@@ -18,7 +18,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..layers.checks import placeholder_stripes
-from ..layers.config import use_backend
 from ..layers.deployed import DeployedStripeConv2d
 from ..layers.stripe_conv import StripeConv2d
 from .graph import fold_batchnorms, fuse_epilogues, trace
@@ -51,6 +50,11 @@ def rebuild(model: nn.Module, example: Sequence[Tuple[Sequence[int], torch.dtype
     ``choices`` (layer -> ``'kernel'`` / ``'dense'``; a layer not named is dense) and ``example`` input
     ``(shape, dtype)`` pairs; ``num_stripes``: stripes of each kernel layer (from the file's weights). Weights are
     placeholders: load the state dict into the result. Raises ``ValueError`` for a choice of no such layer."""
+    for m in model.modules():  # valid structure-only stripes, and no kernel while the passes run
+        if isinstance(m, StripeConv2d):
+            m.stripe_out, m.stripe_pos = placeholder_stripes(m.num_stripes, m.out_channels)
+            m.backend = "dense"
+            m._refresh()
     deployed: nn.Module = model.eval()
     try:
         deployed, traced = trace(deployed), True
@@ -60,9 +64,8 @@ def rebuild(model: nn.Module, example: Sequence[Tuple[Sequence[int], torch.dtype
     if fuse:
         if traced:
             fold_batchnorms(deployed)
-        else:
-            with use_backend("dense"):  # a forward on placeholder weights, never the kernel
-                _fold_without_trace(deployed, tuple(torch.zeros(tuple(s), dtype=d) for s, d in example))
+        else:  # a forward on placeholder weights (dense backend)
+            _fold_without_trace(deployed, tuple(torch.zeros(tuple(s), dtype=d) for s, d in example))
     layers = _candidates(deployed, dense_convs)
     unknown = sorted(set(choices) - set(layers))
     if unknown:

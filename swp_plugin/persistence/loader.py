@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..deployment.rebuild import IMPLEMENTATIONS, rebuild
-from ..layers.checks import check_stripes
+from ..layers.checks import check_stripes, placeholder_stripes
 from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..utils import swap_module
@@ -76,8 +76,11 @@ def _apply_structure(path: PathLike, model: nn.Module, structure: Dict, shapes: 
         module, values = modules[name], entry_values(path, name, entry, modules[name])
         if entry["stripe"]:
             reference = next(iter(module.parameters()), None)
-            modules[name] = swap_module(model, module, StripeConv2d(
-                **values, device=getattr(reference, "device", None), dtype=getattr(reference, "dtype", None)))
+            layer = StripeConv2d(**values, device=getattr(reference, "device", None),
+                                 dtype=getattr(reference, "dtype", None))
+            layer.stripe_out, layer.stripe_pos = placeholder_stripes(layer.num_stripes, layer.out_channels)
+            layer._refresh()  # valid until the file's (checked) indexes are loaded
+            modules[name] = swap_module(model, module, layer)
         else:
             for attr, value in values.items():
                 setattr(module, attr, value)
