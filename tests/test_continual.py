@@ -134,7 +134,7 @@ def test_pruned_checkpoint_is_pruned_further(tmp_path):
                               ignored_layers=[model.classifier]).step()
     torch.save(model, tmp_path / "pruned.pt")
     result = _run(tmp_path, "--first", f"checkpoint:{tmp_path / 'pruned.pt'}", "--baseline",
-                  str(tmp_path / "original.pt"))
+                  str(tmp_path / "original.pt"), "--trust-pickle")  # pickled files: only with the flag
     names, macs = _names_and_macs(result)
     assert names == ["baseline", "checkpoint", "swp"] and macs[0] > macs[1]
     _check_swp(result)
