@@ -75,8 +75,8 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
         dense_convs: also consider the stripe kernel for plain ``groups=1`` convolutions (all stripes kept).
         fuse: fold BatchNorms and fuse ReLU / residual adds into kernel layers.
         verify: compare outputs with ``model``'s; ``tolerance`` defaults to 1e-4 (float32).
-        choices: layer name -> ``'kernel'`` / ``'dense'`` instead of measuring (``swp_plugin.load`` replays the
-            choices recorded in a saved deployed model this way).
+        choices: layer name -> ``'kernel'`` / ``'dense'`` instead of measuring (``swp_plugin.load`` rebuilds a
+            saved deployed model from its recorded choices without deploying again: :mod:`.rebuild`).
     """
     _check_deployable(model)
     for i, arg in enumerate(_as_args(example_inputs)):

@@ -3,6 +3,8 @@
 * :mod:`.exactness`: random sparse skeletons, one regularized step, BatchNorm calibration, relative error;
 * :mod:`.fuzz`: ``python -m swp_plugin.testing.fuzz``, random ``StripeConv2d`` layers against the masked dense
   convolution, every backend, forward and gradients, in one process;
+* :mod:`.loader_fuzz`: ``python -m swp_plugin.testing.loader_fuzz``, random mutations of saved plain, stripe-pruned
+  and deployed models: each is refused with a clear error or loads faithfully, in one process;
 * :mod:`.sweep`: ``python -m swp_plugin.testing.sweep``, many models pruned and fine-tuned a step in one process.
 """
 
