@@ -103,7 +103,7 @@ class DeployedStripeConv2d(nn.Module):
             try:
                 check_stripes(out, pos, num_stripes, self.out_channels, self.kernel_size)
             except ValueError as err:
-                raise ValueError(f"{prefix}stripe_out/stripe_pos: {err}") from None
+                raise ValueError(f"['{prefix}stripe_out'/'{prefix}stripe_pos']: {err}") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + n for n in PLAN_BUFFERS}]

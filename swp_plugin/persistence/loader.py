@@ -126,8 +126,8 @@ def _check_values(path: PathLike, model: nn.Module, state: Dict[str, torch.Tenso
 def _load_state(path: PathLike, model: nn.Module, state: Dict[str, torch.Tensor], strict: bool) -> None:
     try:
         model.load_state_dict(state, strict=strict)
-    except ValueError as err:  # a layer's own check of what it loads (stripe indexes)
-        raise CheckpointError(path, "state_dict", str(err)) from None
+    except ValueError as err:  # a layer's own check of what it loads (stripe indexes): "['<key>']: <problem>"
+        raise CheckpointError(path, None, f"state_dict{err}") from None
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         raise CheckpointError(path, "state_dict", " ".join(lines)[:600] + " (not the same architecture, or a "
