@@ -68,6 +68,11 @@ def test_pruning_ratio_is_the_fraction_of_each_layers_stripes_over_iterative_ste
         goal = linear_scheduler(0.6, 3)[step]
         for name, n in initial.items():
             assert kept[name] == int(n * (1 - goal)), (step, name)
+        if step == 1:  # fine-tuning between steps: update_regularizer() attaches the next skeletons
+            with pytest.raises(RuntimeError, match="update_regularizer"):
+                pruner.regularize(model)
+            pruner.update_regularizer()
+            regularized_step(model, pruner, x)
     assert pruner.current_step == 3
     with pytest.raises(RuntimeError, match="already merged"):
         pruner.step()

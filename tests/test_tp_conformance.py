@@ -31,7 +31,7 @@ def _stripes(model: nn.Module):
 
 def test_readme_quickstart_with_only_the_pruner_line_changed():
     model = resnet18(num_classes=10)
-    example_inputs = torch.randn(1, 3, 32, 32)
+    example_inputs = torch.randn(1, 3, 64, 64)
     imp = StripeImportance()  # was tp.importance.GroupMagnitudeImportance(p=2)
     ignored_layers = _classifier_ignored(model, 10)
     convs = {n: m.out_channels * m.kernel_size[0] * m.kernel_size[1] for n, m in model.named_modules()
@@ -208,4 +208,5 @@ def test_benchmark_driver_flow_sparse_training_then_progressive_pruning(tmp_path
     assert 1 < pruner.current_step < pruner.iterative_steps  # stopped by the speed-up rule
     assert speed_up >= 1.5 and ori_ops / pruned_ops == pytest.approx(speed_up) and pruned_size < ori_size
     assert all(isinstance(b.conv1, StripeConv2d) for b in model.layers)  # pruned for real after every step
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())  # a clean model
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)

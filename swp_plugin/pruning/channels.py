@@ -103,7 +103,7 @@ def _role(DG: tp.DependencyGraph, dep, custom_types: Tuple[type, ...]) -> str:
     if handler in _PER_CHANNEL_HANDLERS or dep.target.type in _PASS_THROUGH_TYPES:
         return "pass"
     out, into = DG.is_out_channel_pruning_fn(handler), DG.is_in_channel_pruning_fn(handler)
-    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+    if isinstance(module, nn.Conv2d) and ops.module2type(module) == ops.OPTYPE.DEPTHWISE_CONV:
         return "consumer" if (out or into) else "block"  # depthwise: in == out, it reads the channel
     if isinstance(module, (nn.Conv2d, nn.Linear, StripeConv2d)) and (out or into):
         return "producer" if out else "consumer"

@@ -236,6 +236,9 @@ class StripePruner(tp.pruner.BasePruner):
         accepted for torch-pruning compatibility (a DDP wrapper is fine); the pruner's own model is used.
         """
         reg = self.sr if reg is None else check_number("reg", reg)
+        if self._phase == "between":
+            raise RuntimeError("regularize() after a pruning step(): call pruner.update_regularizer() first (it attaches "
+                               "the next step's Filter Skeletons), then build the optimizer, then train.")
         self._require_training("regularize")
         self.state.check_attached()
         skeletons = [self.state.skeleton(name) for name in self.state.names]
@@ -254,7 +257,9 @@ class StripePruner(tp.pruner.BasePruner):
                               "channel for it. Lower sr or threshold if this is not wanted.", stacklevel=2)
 
     def update_regularizer(self) -> None:
-        """Re-synchronise the channel masks with the stripe masks (e.g. after loading a checkpoint)."""
+        """After a ratio ``step()``: attach the next step's Filter Skeletons (call it before building the optimizer
+        you fine-tune with, as torch-pruning's pruners refresh their regularizer); otherwise re-synchronise the
+        channel masks with the stripe masks (e.g. after loading a checkpoint)."""
         self._require_training("update_regularizer")
         for name in self.state.names:
             self.state.kill(name, self.state.skeleton(name).alive)
@@ -274,7 +279,9 @@ class StripePruner(tp.pruner.BasePruner):
 
         Everything is first rehearsed on a copy of the model (channel groups that torch-pruning cannot prune
         exactly are dropped there); the model itself is changed only once the rehearsal reproduced its outputs.
-        Ratio mode: every step prunes (like torch-pruning; new skeletons are attached for the next step). Target
+        Ratio mode: every step prunes, like torch-pruning's, and leaves a plain stripe-pruned model (count it, save it,
+        stop there); the next step's skeletons are attached by that step, or by ``update_regularizer()`` (call it
+        before building the optimizer of a fine-tuning with ``regularize``). Target
         mode with ``iterative_steps=k``: steps 1..k-1 only kill stripes (towards the scheduler's reductions) and
         training goes on. With ``interactive=True`` returns a generator of the channel-removal groups (see
         :mod:`.session`: ``group.prune()``, ``group.prune(idxs=...)``, or nothing for soft pruning); conversion and
@@ -331,11 +338,7 @@ class StripePruner(tp.pruner.BasePruner):
         self._session = None
         self.DG = self.graph_of(self.model)
         more = self.options.mode == "ratio" and self.current_step < self.iterative_steps
-        if more:
-            self.state = Skeletons(self.model, self.options.ignored_layers, self.DG)
-            self._phase = "train"
-        else:
-            self._phase = "done"
+        self._phase = "between" if more else "done"  # between: a clean pruned model; next skeletons on demand
 
     # ------------------------------------------------------------------ the rest of BasePruner's interface
     def pruning_history(self) -> Dict:
@@ -345,8 +348,7 @@ class StripePruner(tp.pruner.BasePruner):
     def load_pruning_history(self, pruning_history: Dict) -> None:
         """Give this pruner's (fresh) model the structure of ``pruning_history`` (see :mod:`.history`); then load
         the pruned ``state_dict``. The pruner is done afterwards (its skeletons are merged: FS = 1, nothing dies)."""
-        self._require_training("load_pruning_history")
-        if self.current_step or self.state.sparsity():
+        if self.current_step or self._phase != "train" or self.state.sparsity():
             raise RuntimeError("load_pruning_history() needs a fresh pruner on a fresh model (no step(), no dead "
                                "stripe): build StripePruner(fresh_model, example_inputs) first")
         final = dict(self.state.values())
@@ -400,7 +402,8 @@ class StripePruner(tp.pruner.BasePruner):
 
     def reset(self) -> None:
         """torch-pruning's ``reset``: the schedule starts again at step 0 (stripes killed so far stay dead)."""
-        self._require_training("reset")
+        if self._phase in ("pruning", "done"):
+            self._require_training("reset")
         self.current_step = 0
 
     def _prune(self):
@@ -408,6 +411,10 @@ class StripePruner(tp.pruner.BasePruner):
 
     # ------------------------------------------------------------------ checks
     def _require_training(self, what: str) -> None:
+        """Refuse ``what`` unless the skeletons are attached (attaching the next step's after a ratio step)."""
+        if self._phase == "between":
+            self.state = Skeletons(self.model, self.options.ignored_layers, self.DG)
+            self._phase = "train"
         if self._phase == "pruning":
             raise RuntimeError(f"{what}(): an interactive step() is still open (its loop stopped early): call "
                                "pruner.step() to finish it first.")

@@ -73,13 +73,13 @@ def ratio_kills(state: Skeletons, options: PrunerOptions, step: int, initial: Di
         for i in members:
             flat = scores[i].flatten().cpu()
             alive = torch.isfinite(flat)
-            n_alive, n_initial = int(alive.sum()), initial[state.names[i]]
+            n_alive, n_initial = int(alive.sum()), initial.get(state.names[i], flat.numel())
             allowed = min(int(options.max_pruning_ratio * n_initial) - (n_initial - n_alive), n_alive - 1)
             if allowed <= 0:
                 continue
             order = torch.argsort(flat.masked_fill(~alive, float("inf")))[:allowed]
             candidates += [(float(flat[j]), i, int(j)) for j in order]
-        total_initial = sum(initial[state.names[i]] for i in members)
+        total_initial = sum(initial.get(state.names[i], scores[i].numel()) for i in members)
         total_alive = sum(int(torch.isfinite(scores[i]).sum()) for i in members)
         n_kill = total_alive - int(total_initial * (1 - goal))
         for _, i, j in sorted(candidates)[: max(n_kill, 0)]:
