@@ -18,8 +18,8 @@ deploy             ``swp_plugin.deploy(model, x)``                  :mod:`swp_pl
 =================  ===============================================  ============================================
 
 The pruner is a torch-pruning ``BasePruner`` facade over these phases: it validates (:mod:`.options`,
-:mod:`.checks`), holds the current round's :class:`~.skeletons.Skeletons` and the phase (``train`` ->
-``pruning`` while an interactive step is open -> ``done``), and hands each phase what it needs.
+:mod:`.checks`), holds the round's :class:`~.skeletons.Skeletons` and the phase (``train``, ``pruning`` while an
+interactive step is open, ``between`` ratio steps, ``done``), and hands each phase what it needs.
 
 Usage (the user's own training loop)::
 
@@ -54,11 +54,11 @@ from .history import load_history, make_history, stripe_structure
 from .importance import StripeImportance
 from .notes import STANDARDIZED, Note
 from .options import check_number, parse_options
-from .ratio import ratio_kills
+from .ratio import filter_kills, ratio_kills
 from .rehearsal import Rehearsal, short
 from .session import PruneSession
 from .skeletons import Skeletons
-from .target import layer_scores, output_positions, reach_target
+from .target import output_positions, reach_target
 
 #: torch-pruning's default roots of channel groups (BasePruner's ``root_module_types``) plus StripeConv2d.
 DEFAULT_ROOTS = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
@@ -67,17 +67,10 @@ DEFAULT_ROOTS = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
 class StripePruner(tp.pruner.BasePruner):
     """Learns a Filter Skeleton per conv during training and prunes stripes and dead channels.
 
-    A ``tp.pruner.BasePruner`` (its constructor is called, as torch-pruning's own pruners do) whose options have
-    stripe meanings (docs/design.md, "torch-pruning's contract"; :mod:`.options`): ``pruning_ratio`` = fraction of
-    each layer's stripes removed, ``pruning_ratio_dict``, ``global_pruning`` (one stripe ranking),
-    ``max_pruning_ratio``, ``iterative_steps`` with ``iterative_pruning_ratio_scheduler``, ``importance`` (a stripe
-    importance, :mod:`.importance`), ``round_to`` (kept stripes per layer), ``isomorphic``, and ``forward_fn``,
-    ``output_transform``, ``unwrapped_parameters``, ``customized_pruners``, ``root_module_types`` for the graph and the
-    channel cleanup. ``regularize`` / ``update_regularizer`` / ``step`` / ``step(interactive=True)`` /
-    ``pruning_history`` / ``load_pruning_history`` / ``estimate_importance`` / ``manual_prune_width`` / ``reset`` /
-    ``get_target_pruning_ratio`` work; options it cannot honour are refused with the reason before anything is
-    touched. If the graph cannot be built (an error, or longer than ``graph_timeout`` seconds), SWP still prunes
-    stripes and skips the channel cleanup, with one warning.
+    A ``tp.pruner.BasePruner`` (its constructor is called, as torch-pruning's own pruners do) whose options and
+    methods have stripe meanings (:mod:`.options`; the table: docs/design.md, "torch-pruning's contract"); what it
+    cannot honour is refused with the reason before anything is touched. If the graph cannot be built (an error,
+    or longer than ``graph_timeout`` seconds), SWP still prunes stripes and skips the channel cleanup (one warning).
 
     Args:
         model: the network; its convs get Filter Skeletons (parametrizations) at construction.
@@ -137,9 +130,9 @@ class StripePruner(tp.pruner.BasePruner):
         self._final_sparsity = 0.0
 
     def _init_base(self, model: nn.Module, example_inputs, ignored_layers) -> None:
-        """BasePruner's constructor (it builds the DependencyGraph), within ``graph_timeout``. Its channel-count
-        bookkeeping is skipped (``root_module_types=[]`` while it runs: channel groups have no stripe meaning, and
-        their search does not end on some timm models); ``root_module_types`` is then the user's."""
+        """BasePruner's constructor (it builds the DependencyGraph) within ``graph_timeout``, its channel-count
+        bookkeeping skipped (``root_module_types=[]`` while it runs; its group search does not end on some timm
+        models); ``root_module_types`` is then the user's."""
         options, graph = self.options, self.options.graph_options
         roots = list(options.root_module_types) if options.root_module_types is not None else DEFAULT_ROOTS
         base = dict(importance=options.importance, global_pruning=options.global_pruning,
@@ -173,7 +166,6 @@ class StripePruner(tp.pruner.BasePruner):
         self.per_step_pruning_ratio = self.iterative_pruning_ratio_scheduler(self.pruning_ratio, self.iterative_steps)
         self.per_step_head_pruning_ratio = [0.0] * (self.iterative_steps + 1)
 
-    # ------------------------------------------------------------------ options and state as attributes
     sr = property(lambda self: self.options.sr)
     threshold = property(lambda self: self.options.threshold)
     target = property(lambda self: self.options.target)
@@ -204,25 +196,12 @@ class StripePruner(tp.pruner.BasePruner):
         """Fraction of stripes that are dead (over all skeleton layers); after the last ``step()``, its value then."""
         return self._final_sparsity if self._phase != "train" else self.state.sparsity()
 
-    def fed_batchnorms(self) -> List[nn.Module | None]:
-        """Per skeleton layer, the one BatchNorm its filters feed (the one a dead filter masks), else ``None``."""
-        return self.state.fed_batchnorms()
-
     def kill_units(self) -> List[torch.Tensor] | None:
         """Extension point of target-driven pruning: per skeleton layer, FS-shaped ids in ``[0, n)`` of the
         groups of stripes a target ranks and kills together (a group's score is the sum of its stripes'
         scores); ``None`` (the default): every stripe on its own. A subclass sets a coarser granularity, e.g.
         ``swp_plugin.recipes.baselines.ShapeWisePruner`` (one kernel position across all filters of a layer)."""
         return None
-
-    def kill_stripes(self, name: str, alive: torch.Tensor, modules: Mapping[str, nn.Module] | None = None,
-                     mask_channels: bool = True) -> None:
-        """Mark the stripes of ``name`` outside ``alive`` dead (see :meth:`.Skeletons.kill`)."""
-        self.state.kill(name, alive, modules, mask_channels)
-
-    def merge(self, model: nn.Module) -> None:
-        """The merge phase on ``model`` (the pruner's model or a copy of it), see :meth:`.Skeletons.merge`."""
-        self.state.merge(model)
 
     # ------------------------------------------------------------------ training
     @torch.no_grad()
@@ -237,8 +216,8 @@ class StripePruner(tp.pruner.BasePruner):
         """
         reg = self.sr if reg is None else check_number("reg", reg)
         if self._phase == "between":
-            raise RuntimeError("regularize() after a pruning step(): call pruner.update_regularizer() first (it attaches "
-                               "the next step's Filter Skeletons), then build the optimizer, then train.")
+            raise RuntimeError("regularize() after a pruning step(): call pruner.update_regularizer() first (it "
+                               "attaches the next step's Filter Skeletons), then build the optimizer, then train.")
         self._require_training("regularize")
         self.state.check_attached()
         skeletons = [self.state.skeleton(name) for name in self.state.names]
@@ -377,28 +356,7 @@ class StripePruner(tp.pruner.BasePruner):
         if getattr(pruning_fn, "__name__", "") != "prune_out_channels":
             raise NotImplementedError("manual_prune_width: only output channels have a stripe meaning (a filter's "
                                       "stripes); prune the producer's out channels (e.g. tp.prune_conv_out_channels)")
-        fs = self.skeleton(name)
-        filters = fs.alive.shape[0] if fs.alive.dim() > 1 else layer.out_channels
-        if isinstance(pruning_ratios_or_idxs, float):
-            ratio = check_number("pruning ratio", pruning_ratios_or_idxs)
-            per_filter = self._filter_scores(name)
-            idxs = torch.argsort(per_filter)[: int(filters * ratio)].tolist()
-        else:
-            idxs = [int(i) for i in pruning_ratios_or_idxs]
-        if any(not 0 <= i < filters for i in idxs) or len(set(idxs)) >= filters:
-            raise ValueError(f"manual_prune_width: filter indexes must lie in [0, {filters}) and leave one filter")
-        alive = fs.alive.clone()
-        if alive.dim() > 1:
-            alive[idxs] = False
-        else:
-            alive &= ~torch.isin(layer.stripe_out.to(alive.device), torch.tensor(idxs, device=alive.device))
-        self.state.kill(name, alive)
-
-    def _filter_scores(self, name: str) -> torch.Tensor:
-        score = layer_scores(self.state, self.options.score, self.options.importance)[self.names.index(name)]
-        score = score.masked_fill(~torch.isfinite(score), 0)
-        layer = self.module(name)
-        return score.flatten(1).sum(1) if score.dim() > 1 else layer.per_filter(score)
+        self.state.kill(name, filter_kills(self.state, self.options, name, pruning_ratios_or_idxs))
 
     def reset(self) -> None:
         """torch-pruning's ``reset``: the schedule starts again at step 0 (stripes killed so far stay dead)."""
@@ -406,7 +364,7 @@ class StripePruner(tp.pruner.BasePruner):
             self._require_training("reset")
         self.current_step = 0
 
-    def _prune(self):
+    def _prune(self):  # BasePruner's channel ranking
         raise NotImplementedError("BasePruner._prune ranks channel groups; StripePruner's step() prunes stripes")
 
     # ------------------------------------------------------------------ checks

@@ -85,3 +85,29 @@ def ratio_kills(state: Skeletons, options: PrunerOptions, step: int, initial: Di
         for _, i, j in sorted(candidates)[: max(n_kill, 0)]:
             kills[i].view(-1)[j] = True
     return round_kept(kills, scores, options.round_to)
+
+
+@torch.no_grad()
+def filter_kills(state: Skeletons, options: PrunerOptions, name: str, ratio_or_idxs) -> torch.Tensor:
+    """The alive mask of conv ``name`` with every stripe of some filters dead (``manual_prune_width``): the
+    filters ``ratio_or_idxs`` (indexes), or that fraction of its filters (a float), the lowest-ranked first."""
+    layer, fs = state.layer(name), state.skeleton(name)
+    filters = layer.out_channels
+    if isinstance(ratio_or_idxs, float):
+        if not 0.0 <= ratio_or_idxs < 1.0:
+            raise ValueError(f"manual_prune_width: a ratio must be in [0, 1), got {ratio_or_idxs!r}")
+        score = layer_scores(state, options.score, options.importance)[state.names.index(name)]
+        score = score.masked_fill(~torch.isfinite(score), 0)
+        per_filter = score.flatten(1).sum(1) if score.dim() > 1 else layer.per_filter(score)
+        idxs = torch.argsort(per_filter.cpu())[: int(filters * ratio_or_idxs)].tolist()
+    else:
+        idxs = [int(i) for i in ratio_or_idxs]
+    if any(not 0 <= i < filters for i in idxs) or len(set(idxs)) >= filters:
+        raise ValueError(f"manual_prune_width: filter indexes must lie in [0, {filters}) and leave one filter of "
+                         f"'{name}'")
+    alive = fs.alive.clone()
+    if alive.dim() > 1:
+        alive[idxs] = False
+    else:
+        alive &= ~torch.isin(layer.stripe_out.to(alive.device), torch.tensor(idxs, device=alive.device))
+    return alive
