@@ -58,17 +58,19 @@ def check_model_finite(model: nn.Module) -> None:
 
 
 def check_untied(model: nn.Module, ignored: Sequence[nn.Module]) -> None:
-    """Refuse convs that share one weight tensor (``b.weight = a.weight``): each conv gets its own stripes, so
-    they could not stay tied. Ignoring all but one of them is fine (the ignored ones keep the dense weight)."""
+    """Refuse convs that share one weight tensor (``b.weight = a.weight``) unless all of them are ignored: each conv
+    gets its own stripes, and merging a skeleton writes the shared tensor in place (``remove_parametrizations``),
+    which would change the other conv too."""
     ignored_ids = {id(m) for m in ignored}
     owners = {}
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Conv2d, StripeConv2d)) or id(module) in ignored_ids:
-            continue
-        weight = module.weight
-        if id(weight) in owners and owners[id(weight)][1] is not module:
-            raise ValueError(f"StripePruner: convs '{owners[id(weight)][0]}' and '{name}' share one weight tensor "
-                             "(tied weights). Stripe pruning gives each conv its own stripes, so they cannot stay "
-                             f"tied: untie them (model.{name}.weight = nn.Parameter(model.{name}.weight.detach()"
-                             ".clone())) or put all but one of them in ignored_layers.")
-        owners[id(weight)] = (name, module)
+        if isinstance(module, (nn.Conv2d, StripeConv2d)):
+            owners.setdefault(id(module.weight), []).append((name, module))
+    for sharing in owners.values():
+        unique = {id(m): n for n, m in sharing}
+        if len(unique) > 1 and any(i not in ignored_ids for i in unique):
+            names = sorted(unique.values())
+            raise ValueError(f"StripePruner: convs {names} share one weight tensor (tied weights). Stripe pruning "
+                             "gives each conv its own stripes, so they cannot stay tied: untie them (e.g. "
+                             f"model.{names[-1]}.weight = nn.Parameter(model.{names[-1]}.weight.detach().clone())) "
+                             "or put all of them in ignored_layers.")
