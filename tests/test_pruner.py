@@ -11,7 +11,7 @@ import torch_pruning as tp
 from conftest import calibrate_bn, outputs_around_step, randomize_skeletons, regularized_step, rel_err
 
 from swp_plugin import StripeConv2d, StripePruner
-from swp_plugin.models import resnet56, vgg16_bn
+from swp_plugin.models import resnet20, resnet56, vgg16_bn
 
 NETS = {"vgg16_bn": vgg16_bn, "resnet56": resnet56}
 
@@ -90,7 +90,7 @@ def test_fed_norms_found_through_depgraph_not_module_order():
 
     model = Shuffled()
     pruner = StripePruner(model, torch.randn(1, 3, 8, 8), ignored_layers=[model.head])
-    assert pruner._mask_targets["conv"] == [("bn", "weight"), ("bn", "bias"), ("conv", "bias")]
+    assert pruner.state.mask_targets["conv"] == [("bn", "weight"), ("bn", "bias"), ("conv", "bias")]
 
 
 def test_interactive_step_yields_torch_pruning_groups():
@@ -203,3 +203,77 @@ def test_rehearsal_keeps_the_model_untouched_when_stripes_cannot_be_reproduced(m
         pruner.step()
     assert not any(isinstance(m, StripeConv2d) for m in model.modules())
     assert torch.nn.utils.parametrize.is_parametrized(model.conv1)  # skeletons still attached
+
+
+def test_verify_false_prunes_anyway_with_a_warning(monkeypatch):
+    model, x, pruner = _build("resnet56", verify=False)
+    randomize_skeletons(pruner, dead_stripes=0.5)
+    calibrate_bn(model, x)
+    monkeypatch.setattr(StripeConv2d, "forward", lambda self, inp: torch.zeros(1))  # a broken stripe layer
+    with pytest.warns(UserWarning, match="pruned anyway"):
+        pruner.step()
+    assert isinstance(model.conv1, StripeConv2d)
+
+
+@pytest.mark.parametrize("where", ["weight", "running_var", "inputs"])
+def test_nan_is_named_before_the_exactness_check(where):
+    model = resnet20(width=0.25)
+    x = torch.randn(2, 3, 16, 16)
+    if where == "inputs":
+        x[0, 0, 0, 0] = float("nan")
+        with pytest.raises(ValueError, match=r"example_inputs holds NaN"):
+            StripePruner(model, x, ignored_layers=[model.fc])
+        return
+    pruner = StripePruner(model, x, ignored_layers=[model.fc])
+    with torch.no_grad():
+        if where == "weight":
+            model.fc.weight[0, 0] = float("inf")
+        else:
+            model.layers[1].bn1.running_var[2] = float("nan")
+    match = "parameter 'fc.weight'" if where == "weight" else "BatchNorm statistic 'layers.1.bn1.running_var'"
+    with pytest.raises(ValueError, match=match):
+        pruner.step()
+    assert not any(isinstance(m, StripeConv2d) for m in model.modules())
+
+
+def test_tied_weights_meta_models_and_customized_conv_pruners():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x))))
+
+    x = torch.randn(2, 4, 8, 8)
+    for ignored in ([], ["b"]):  # one tied conv pruned would rewrite the other's weight when merged
+        tied = Tied()
+        with pytest.raises(ValueError, match=r"\['a', 'b'\] share one weight tensor"):
+            StripePruner(tied, x, ignored_layers=[getattr(tied, n) for n in ignored])
+    tied = Tied()
+    pruner = StripePruner(tied, x, ignored_layers=[tied.a, tied.b])  # the documented way out
+    randomize_skeletons(pruner, dead_stripes=0.5)
+    with torch.no_grad():
+        y0 = tied(x)
+    pruner.step()
+    assert isinstance(tied.c, StripeConv2d) and tied.b.weight is tied.a.weight and rel_err(y0, tied(x)) <= 1e-4
+    with torch.device("meta"):
+        meta = resnet20(width=0.25)
+    with pytest.raises(ValueError, match="meta device"):
+        StripePruner(meta, torch.randn(1, 3, 16, 16))
+
+    calls = []
+
+    class CountingConvPruner(tp.function.ConvPruner):
+        def prune_out_channels(self, layer, idxs):
+            calls.append(len(idxs))
+            return super().prune_out_channels(layer, idxs)
+
+    model, x, pruner = _build("vgg16_bn", customized_pruners={nn.Conv2d: CountingConvPruner()})
+    randomize_skeletons(pruner, dead_stripes=0.3, dead_filters=0.3)
+    regularized_step(model, pruner, x)
+    channels = _bn_channels(model.features)
+    (y0,), (y1,) = outputs_around_step(model, pruner, x)
+    assert calls and _bn_channels(model.features) < 0.85 * channels  # the user's pruner removed the dead filters
+    assert rel_err(y0, y1) <= 1e-4

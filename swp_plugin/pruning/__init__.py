@@ -2,8 +2,8 @@
 
 from .channels import plan_channel_removal
 from .functions import StripeConvPruningFunc, customized_pruners, torch_pruning_kwargs
-from .importance import StripeImportance
+from .importance import StripeImportance, StripeScores
 from .pruner import StripePruner
 
-__all__ = ["StripeConvPruningFunc", "StripeImportance", "StripePruner", "customized_pruners", "plan_channel_removal",
-           "torch_pruning_kwargs"]
+__all__ = ["StripeConvPruningFunc", "StripeImportance", "StripePruner", "StripeScores", "customized_pruners",
+           "plan_channel_removal", "torch_pruning_kwargs"]

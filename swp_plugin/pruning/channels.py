@@ -10,6 +10,12 @@ A channel of a torch-pruning group is removed only when
 3. no member of the group mixes channels or is the model output (LayerNorm, GroupNorm, attention, LSTM,
    the output node, unknown custom layers): removing a zero channel there would change the result.
 
+Members are classified by what they are (conv, depthwise conv, linear, stripe conv, per-channel norm) and by the
+direction of their pruning function, so a pruning function given in ``customized_pruners`` for one of these
+types (e.g. an ``nn.Conv2d`` pruner subclass) is checked like the built-in one and used to prune. A member of
+another type with a customized pruner is the user's layer: it does not block the group, and the rehearsal's output
+comparison decides whether removing the channel there is exact.
+
 Residual, concat and split partners come from the DepGraph group, so a channel shared by several
 producers stays unless all of them are dead.
 """
@@ -25,19 +31,11 @@ from torch_pruning import ops
 
 from ..layers.stripe_conv import StripeConv2d
 from ..utils import run_model, time_limit
-from .functions import STRIPE_CONV_PRUNER
 from .notes import CLEANUP_SKIPPED, Note
 
 #: seconds allowed to torch-pruning for building one channel group (normally milliseconds)
 GROUP_TIMEOUT = 2.0
 
-_PRODUCER_HANDLERS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, STRIPE_CONV_PRUNER.prune_out_channels)
-_CONSUMER_HANDLERS = (
-    tp.prune_conv_in_channels,
-    tp.prune_linear_in_channels,
-    tp.prune_depthwise_conv_out_channels,  # in == out for depthwise: it reads the channel
-    STRIPE_CONV_PRUNER.prune_in_channels,
-)
 _PER_CHANNEL_HANDLERS = (
     tp.prune_batchnorm_out_channels,
     tp.prune_prelu_out_channels,
@@ -99,25 +97,44 @@ def record_input_amax(model: nn.Module, probe_inputs: Sequence, forward: Callabl
     return amax
 
 
-def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor]) -> Set[int] | None:
-    """Root indices of ``group`` whose channel can go (see module doc); ``None`` if the group is blocked."""
+def _role(DG: tp.DependencyGraph, dep, custom_types: Tuple[type, ...]) -> str:
+    """``'producer'``, ``'consumer'``, ``'pass'`` or ``'block'`` for one member of a group."""
+    module, handler = dep.target.module, dep.handler
+    if handler in _PER_CHANNEL_HANDLERS or dep.target.type in _PASS_THROUGH_TYPES:
+        return "pass"
+    out, into = DG.is_out_channel_pruning_fn(handler), DG.is_in_channel_pruning_fn(handler)
+    if isinstance(module, nn.Conv2d) and ops.module2type(module) == ops.OPTYPE.DEPTHWISE_CONV:
+        return "consumer" if (out or into) else "block"  # depthwise: in == out, it reads the channel
+    if isinstance(module, (nn.Conv2d, nn.Linear, StripeConv2d)) and (out or into):
+        return "producer" if out else "consumer"
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.PReLU, nn.modules.instancenorm._InstanceNorm)):
+        return "pass"
+    if custom_types and isinstance(module, custom_types):
+        return "pass"  # the user's layer with the user's pruning function: the rehearsal checks the outputs
+    return "block"
+
+
+def removable_roots(group, input_amax: Dict[nn.Module, torch.Tensor], custom_types: Tuple[type, ...] = ()
+                    ) -> Set[int] | None:
+    """Root indices of ``group`` whose channel can go (see module doc); ``None`` if the group is blocked.
+    ``custom_types``: module classes with a user-given pruning function (``customized_pruners``)."""
     roots: Set[int] = set()
     failing: Set[int] = set()
+    DG = group._DG
     for i, (dep, idxs) in enumerate(group):
-        module, handler = dep.target.module, dep.handler
+        module = dep.target.module
         root_idxs = group[i].root_idxs
         roots.update(root_idxs)
-        if handler in _PRODUCER_HANDLERS:
+        role = _role(DG, dep, custom_types)
+        if role == "producer":
             dead = dead_outputs(module)
             failing.update(r for idx, r in zip(idxs, root_idxs, strict=False) if not bool(dead[idx]))
-        elif handler in _CONSUMER_HANDLERS:
+        elif role == "consumer":
             if module not in input_amax:
                 return None
             values = input_amax[module]
             failing.update(r for idx, r in zip(idxs, root_idxs, strict=False) if float(values[idx]) != 0.0)
-        elif handler in _PER_CHANNEL_HANDLERS or dep.target.type in _PASS_THROUGH_TYPES:
-            continue
-        else:
+        elif role == "block":
             return None
     return roots - failing
 
@@ -128,12 +145,14 @@ def plan_channel_removal(
     input_amax: Dict[nn.Module, torch.Tensor],
     names: Dict[nn.Module, str] | None = None,
     group_timeout: float | None = GROUP_TIMEOUT,
+    custom_types: Tuple[type, ...] = (),
 ) -> Tuple[List[RootPlan], List[Note]]:
     """Decide, before anything is pruned, which dead filters of ``roots`` are removed with their channel.
 
     Returns ``(plan, notes)``: ``plan`` lists ``(root module, its out-channel pruning fn, root indices)``
     (root indices stay valid while other groups are pruned; build each group right before pruning it);
-    ``notes`` says which groups were blocked and why (``names``: module -> qualified name, for the notes).
+    ``notes`` says which groups were blocked and why (``names``: module -> qualified name, for the notes);
+    ``custom_types``: the module classes of ``customized_pruners`` (see :func:`removable_roots`).
     A group torch-pruning does not build within
     ``group_timeout`` seconds (its group search does not end on some attention blocks) is left alone.
     """
@@ -155,7 +174,7 @@ def plan_channel_removal(
             with time_limit(group_timeout, "torch-pruning's group search"):
                 group = DG.get_pruning_group(root, fn, dead)
                 covered.update((id(dep.target.module), dep.handler) for dep, _ in group)
-                keep = removable_roots(group, input_amax)
+                keep = removable_roots(group, input_amax, custom_types)
                 if keep is None:
                     notes.append(Note(CLEANUP_SKIPPED, name, f"{len(dead)} dead filters kept (their channel group "
                                                              "cannot be pruned exactly)"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,26 +14,30 @@ from ..layers.stripe_conv import StripeConv2d
 from ..utils import time_limit
 
 
-def build_graph(model: nn.Module, example_inputs, options: Dict, timeout: float | None = None
-                ) -> tp.DependencyGraph:
-    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)`` within ``timeout`` seconds
-    (:func:`time_limit`), with autograd on (the graph is traced through it) also under ``torch.no_grad()``.
-
-    torch-pruning's tracing registers forward hooks, puts the model in eval mode and removes the hooks only when
-    the traced forward succeeds; here the model keeps its mode, and hooks left behind by a failed or timed-out
-    build are removed (else they would stay on the user's model).
-    """
+@contextmanager
+def graph_guard(model: nn.Module, timeout: float | None = None) -> Iterator[None]:
+    """Around torch-pruning's tracing of ``model`` (a DependencyGraph build, or ``BasePruner.__init__``): within
+    ``timeout`` seconds (:func:`time_limit`), with autograd on (the graph is traced through it) also under
+    ``torch.no_grad()``; afterwards the model keeps its mode, and hooks left behind by a failed or timed-out build
+    are removed (torch-pruning removes them only when the traced forward succeeds)."""
     hooks = {m: _hook_keys(m) for m in model.modules()}
     was_training = model.training
     try:
         with time_limit(timeout), torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
+            yield
     finally:
         for module, keys in hooks.items():
             for table in _HOOK_TABLES:
                 for key in [k for k in getattr(module, table) if k not in keys]:
                     del getattr(module, table)[key]
         model.train(was_training)
+
+
+def build_graph(model: nn.Module, example_inputs, options: Dict, timeout: float | None = None
+                ) -> tp.DependencyGraph:
+    """``tp.DependencyGraph().build_dependency(model, example_inputs, **options)`` under :func:`graph_guard`."""
+    with graph_guard(model, timeout):
+        return tp.DependencyGraph().build_dependency(model, example_inputs, **options)
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -1,8 +1,20 @@
-"""``StripeImportance``: channel importance from Filter Skeletons, for torch-pruning's channel pruners."""
+"""Importance of stripes (for ``StripePruner``) and of channels (for torch-pruning's channel pruners).
+
+The stripe-importance protocol (``StripePruner(importance=...)``): an object with
+
+    ``stripe_scores(layer, skeleton, weight) -> Tensor``
+
+``layer`` is the conv (``nn.Conv2d`` or ``StripeConv2d``), ``skeleton`` its Filter Skeleton values (``(out, kh, kw)``,
+or ``(S,)`` for a ``StripeConv2d``), ``weight`` the weight the skeleton multiplies (``(out, C_in, kh, kw)`` or
+``(S, C_in)``). It returns finite scores >= 0 shaped like ``skeleton``, higher = more important. ``StripePruner``
+divides them by the layer's mean (layers compete on relative terms), then ranks; dead stripes are never
+ranked. :class:`StripeImportance` is one (``|FS|^p * ||W_stripe||_2``, the default ranking). A torch-pruning channel
+importance (``tp.importance.*``, called on a group) has no stripe scores and is refused with this recipe.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -29,8 +41,16 @@ def filter_scores(layer: nn.Module, skeleton: torch.Tensor, p: int = 1) -> torch
     return values.flatten(1).sum(dim=1)
 
 
+@runtime_checkable
+class StripeScores(Protocol):
+    """The stripe-importance protocol of ``StripePruner(importance=...)`` (see the module docstring)."""
+
+    def stripe_scores(self, layer: nn.Module, skeleton: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
+
+
 class StripeImportance(tp.importance.GroupMagnitudeImportance):
-    """Scores the channels of a torch-pruning group by the Filter Skeletons of the convs producing them.
+    """Scores stripes for ``StripePruner(importance=...)`` (:meth:`stripe_scores`), and the channels of a
+    torch-pruning group by the Filter Skeletons of the convs producing them.
 
     The score of a channel is ``sum |FS|^p`` over the stripes of its filter, reduced over the group's
     convs with ``group_reduction`` (torch-pruning's reductions). Skeletons are read from the convs'
@@ -60,6 +80,11 @@ class StripeImportance(tp.importance.GroupMagnitudeImportance):
         if fs is None and self.skeletons is not None:
             fs = self.skeletons.get(group._DG._module2name.get(layer, ""))
         return fs
+
+    @torch.no_grad()
+    def stripe_scores(self, layer: nn.Module, skeleton: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``|FS|^p * ||W_stripe||_2`` per stripe, shaped like ``skeleton`` (the stripe-importance protocol)."""
+        return skeleton.detach().float().abs().pow(self.p) * weight.detach().float().norm(dim=1)
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor | None:

@@ -7,13 +7,19 @@ phase              call                                             module
 =================  ===============================================  ============================================
 attach             ``StripePruner(model, x, ...)``                  :mod:`swp_plugin.skeleton` (parametrizations)
 train              ``pruner.regularize(model)`` after backward      this module
-(target)           ``step()`` kills the lowest-ranked stripes       :mod:`.target`
+(ratio / target)   ``step()`` kills the lowest-ranked stripes       :mod:`.ratio` / :mod:`.target`
 rehearse           every change below first on copies, checked      :mod:`.rehearsal`
-merge              ``W <- W * FS * alive``, parametrizations off     :func:`swp_plugin.detach_skeletons`
-remove channels    dead filters with BN / next-layer channels       :mod:`.channels` + torch-pruning's DepGraph
-convert            convs -> ``StripeConv2d``                        :mod:`.convert`
+merge              ``W <- W * FS * alive``, parametrizations off     :mod:`.skeletons` (the skeleton state's owner)
+remove channels    dead filters with BN / next-layer channels       :mod:`.channels` + torch-pruning's DepGraph,
+                   (``step(interactive=True)`` yields the groups)   :mod:`.session`
+convert            convs -> ``StripeConv2d``, checked               :mod:`.convert`, :mod:`.session`
+history            ``pruning_history()`` / ``load_pruning_history``  :mod:`.history`
 deploy             ``swp_plugin.deploy(model, x)``                  :mod:`swp_plugin.deployment`
 =================  ===============================================  ============================================
+
+The pruner is a torch-pruning ``BasePruner`` facade over these phases: it validates (:mod:`.options`,
+:mod:`.checks`), holds the round's :class:`~.skeletons.Skeletons` and the phase (``train``, ``pruning`` while an
+interactive step is open, ``between`` ratio steps, ``done``), and hands each phase what it needs.
 
 Usage (the user's own training loop)::
 
@@ -30,53 +36,59 @@ Usage (the user's own training loop)::
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from ..measure.counting import count_ops_and_params
-from ..skeleton import attach_channel_mask, attach_skeletons, detach_skeletons, filter_alive
-from ..skeleton.attach import skeleton_of
+from ..skeleton import detach_skeletons
 from ..skeleton.parametrizations import FilterSkeleton
 from ..skeleton.standardization import unfold_standardization
 from ..utils import run_model
-from .convert import convert_to_stripes
+from . import checks
 from .functions import customized_pruners
-from .graph import build_graph, fed_norms
-from .notes import CLEANUP_SKIPPED, STANDARDIZED, Note
+from .graph import build_graph, graph_guard
+from .history import load_history, make_history, stripe_structure
+from .importance import StripeImportance
+from .notes import STANDARDIZED, Note
 from .options import check_number, parse_options
+from .ratio import filter_kills, ratio_kills
 from .rehearsal import Rehearsal, short
-from .target import reach_target
+from .session import PruneSession
+from .skeletons import Skeletons
+from .target import output_positions, reach_target
+
+#: torch-pruning's default roots of channel groups (BasePruner's ``root_module_types``) plus StripeConv2d.
+DEFAULT_ROOTS = [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, tp.ops.TORCH_LSTM]
 
 
 class StripePruner(tp.pruner.BasePruner):
     """Learns a Filter Skeleton per conv during training and prunes stripes and dead channels.
 
-    A ``tp.pruner.BasePruner``: same constructor conventions, ``regularize`` / ``update_regularizer`` / ``step`` /
-    ``step(interactive=True)``, ``DG``, ``ignored_layers``, ``current_step``. Its constructor builds only the
-    DependencyGraph (BasePruner's channel-ratio bookkeeping has no stripe meaning and is slow or fails on some
-    timm models); BasePruner methods that need that bookkeeping raise ``NotImplementedError``. Of BasePruner's
-    options it honours ``forward_fn``, ``output_transform``, ``unwrapped_parameters``, ``customized_pruners``,
-    ``iterative_steps``, ``iterative_pruning_ratio_scheduler``, ``max_pruning_ratio``, ``global_pruning=True``
-    and refuses the others with the reason (:mod:`.options`). If the graph cannot be built (an error, or longer
-    than ``graph_timeout`` seconds), SWP still prunes stripes and skips the channel cleanup, with one warning.
+    A ``tp.pruner.BasePruner`` (its constructor is called, as torch-pruning's own pruners do) whose options and
+    methods have stripe meanings (:mod:`.options`; the table: docs/design.md, "torch-pruning's contract"); what it
+    cannot honour is refused with the reason before anything is touched. If the graph cannot be built (an error,
+    or longer than ``graph_timeout`` seconds), SWP still prunes stripes and skips the channel cleanup (one warning).
 
     Args:
         model: the network; its convs get Filter Skeletons (parametrizations) at construction.
         example_inputs: inputs for DepGraph tracing and for the exactness checks of ``step()``.
         sr: L1 strength on the skeletons (the paper's alpha, default 1e-5).
-        threshold: stripes with ``|FS| <= threshold`` die (the paper's delta, default 0.05).
+        threshold: stripes with ``|FS| <= threshold`` die (the paper's delta, default 0.05; threshold mode).
         ignored_layers: modules (and their submodules) left untouched, e.g. the classifier.
         macs_reduction / params_reduction: a target instead of a threshold (see :mod:`.target`).
+        importance: an object scoring stripes (``stripe_scores(layer, skeleton, weight)``, :mod:`.importance`).
         verify: ``step()`` checks that outputs do not change (``max|diff| <= tolerance * max|y|``;
-            default tolerance by dtype: 1e-4 for fp32, 1e-2 fp16, 5e-2 bf16).
-        graph_timeout: seconds allowed for each DependencyGraph build/analysis (main thread only).
-        score: stripe ranking of a target: ``'fs'`` = ``|FS| * ||W_stripe||``; ``'fs_bn'`` = that times the gain
-            ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm the filter feeds (see :mod:`.target`).
+            default tolerance by dtype: 1e-4 for fp32, 1e-2 fp16, 5e-2 bf16); ``False`` prunes even where the
+            rehearsal finds a difference (with a warning saying how much).
+        graph_timeout: seconds allowed for each DependencyGraph build/analysis (main thread only; None: no limit).
+        score: stripe ranking of a target or ratio: ``'fs'`` = ``|FS| * ||W_stripe||``; ``'fs_bn'`` = that times the
+            gain ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm the filter feeds (see :mod:`.target`).
 
     Attributes:
+        state: the current round's :class:`~.skeletons.Skeletons` (the one owner of the skeleton state).
         skeletons: qualified conv name -> Filter Skeleton parameter, ``(out, kh, kw)`` for a conv.
         skipped: qualified conv name -> why it got no skeleton.
         notes: :class:`~.notes.Note` records of what was left in place and why.
@@ -89,89 +101,100 @@ class StripePruner(tp.pruner.BasePruner):
                  params_reduction: float | None = None, importance=None, verify: bool = True,
                  tolerance: float | None = None, graph_timeout: float | None = 120.0, score: str = "fs",
                  **kwargs) -> None:
-        self.options = parse_options(model, sr, threshold, macs_reduction, params_reduction, importance, verify,
-                                     tolerance, graph_timeout, ignored_layers, kwargs, score)
+        checks.check_not_meta(model, example_inputs)
+        checks.check_inputs_finite(example_inputs)
+        self.options = options = parse_options(model, sr, threshold, macs_reduction, params_reduction, importance,
+                                               verify, tolerance, graph_timeout, ignored_layers, kwargs, score)
+        checks.check_untied(model, options.ignored_layers)
         self.model, self.example_inputs = model, example_inputs
-        self.ignored_layers, self.ignored_params = self.options.ignored_layers, self.options.ignored_params
-        self.graph_options = {**self.options.graph_options, "ignored_params": self.ignored_params,
+        self.graph_options = {**options.graph_options, "ignored_params": options.ignored_params,
                               "customized_pruners": {**customized_pruners(),
-                                                     **(self.options.graph_options.get("customized_pruners") or {})}}
+                                                     **(options.graph_options.get("customized_pruners") or {})}}
         self.notes: List[Note] = [
             Note(STANDARDIZED, name, f"{cls} replaced by a plain conv with a WeightStandardization parametrization "
                                      "(same function)")
-            for name, cls in unfold_standardization(model, self.ignored_layers)]
+            for name, cls in unfold_standardization(model, options.ignored_layers)]
         self._check_runs()
-        self.dense_counts = count_ops_and_params(model, example_inputs) if self.options.target else None
+        self.dense_counts = count_ops_and_params(model, example_inputs) if options.target else None
         self.positions: List[int] | None = None  # output positions of the skeleton layers (MACs targets)
-        self.current_step, self.target_history = 0, []
-        self.DG: tp.DependencyGraph | None = None
         self.graph_error: str | None = None
+        self._init_base(model, example_inputs, ignored_layers)
+        self.target_history: List = []
+        self.state = Skeletons(model, options.ignored_layers, self.DG)
+        #: conv name -> its stripes when the pruner was built (the base of pruning_ratio)
+        self.initial_stripes: Dict[str, int] = {n: self.state.skeleton(n).alive.numel() for n in self.state.names}
+        self._phase = "train"
+        self._session: PruneSession | None = None
+        self._channel_history: List = []
+        self._final_skeletons: Dict[str, torch.Tensor] = {}
+        self._final_sparsity = 0.0
+
+    def _init_base(self, model: nn.Module, example_inputs, ignored_layers) -> None:
+        """BasePruner's constructor (it builds the DependencyGraph) within ``graph_timeout``, its channel-count
+        bookkeeping skipped (``root_module_types=[]`` while it runs; its group search does not end on some timm
+        models); ``root_module_types`` is then the user's."""
+        options, graph = self.options, self.options.graph_options
+        roots = list(options.root_module_types) if options.root_module_types is not None else DEFAULT_ROOTS
+        base = dict(importance=options.importance, global_pruning=options.global_pruning,
+                    pruning_ratio=options.pruning_ratio, pruning_ratio_dict=options.ratio_dict or None,
+                    max_pruning_ratio=options.max_pruning_ratio, iterative_steps=options.iterative_steps,
+                    iterative_pruning_ratio_scheduler=options.scheduler, ignored_layers=ignored_layers,
+                    round_to=options.round_to, isomorphic=options.isomorphic,
+                    customized_pruners=self.graph_options["customized_pruners"],
+                    unwrapped_parameters=graph.get("unwrapped_parameters"), forward_fn=graph.get("forward_fn"),
+                    output_transform=graph.get("output_transform"))
         try:
-            self.DG = build_graph(model, example_inputs, self.graph_options, graph_timeout)
+            with graph_guard(model, options.graph_timeout):
+                super().__init__(model, example_inputs, root_module_types=[], **base)
         except Exception as err:  # any tracing failure means: no channel cleanup, said once
             self.graph_error = short(err)
             warnings.warn(f"StripePruner: torch-pruning's DependencyGraph is unavailable for this model "
                           f"({self.graph_error}); stripes will be pruned, but no channel cleanup (dead filters stay "
-                          "as empty output channels).", stacklevel=2)
-        fs_modules, self.skipped = attach_skeletons(model, self.ignored_layers)
-        if not fs_modules:
-            raise ValueError("StripePruner found no eligible conv in the model (every nn.Conv2d is ignored or "
-                             f"excluded: {self.skipped or 'the model has none'}); nothing to prune.")
-        self.names: List[str] = list(fs_modules)
-        self._modules: Dict[str, nn.Module] = dict(model.named_modules())
-        names = {m: n for n, m in self._modules.items()}
-        #: conv name -> [(module name, tensor name)] of the params masked when one of its filters dies
-        self._mask_targets: Dict[str, List[Tuple[str, str]]] = {}
-        for name in self.names:
-            norms = fed_norms(self.DG, self._modules[name]) if self.DG is not None else []
-            targets = [(names[n], t) for n in norms for t in ("weight", "bias")]
-            if getattr(self._modules[name], "bias", None) is not None:
-                targets.append((name, "bias"))
-            for module_name, tensor_name in targets:
-                attach_channel_mask(self._modules[module_name], tensor_name)
-            self._mask_targets[name] = targets
-        self._stepped = False
+                          "as empty output channels).", stacklevel=3)
+            self._without_graph(model, base)
+        self.root_module_types = roots
 
-    # ------------------------------------------------------------------ options as attributes
+    def _without_graph(self, model: nn.Module, base: Dict) -> None:
+        """BasePruner's attributes where its constructor could not build the graph."""
+        self.model, self.DG, self.importance = model, None, base["importance"]
+        for key in ("global_pruning", "pruning_ratio", "max_pruning_ratio", "iterative_steps",
+                    "iterative_pruning_ratio_scheduler", "round_to", "isomorphic"):
+            setattr(self, key, base[key])
+        self.ignored_layers, self.ignored_params = self.options.ignored_layers, self.options.ignored_params
+        self.current_step, self.pruning_ratio_dict, self.head_pruning_ratio_dict = 0, {}, {}
+        self.num_heads, self.in_channel_groups, self.out_channel_groups = {}, {}, {}
+        self.per_step_pruning_ratio = self.iterative_pruning_ratio_scheduler(self.pruning_ratio, self.iterative_steps)
+        self.per_step_head_pruning_ratio = [0.0] * (self.iterative_steps + 1)
+
     sr = property(lambda self: self.options.sr)
     threshold = property(lambda self: self.options.threshold)
     target = property(lambda self: self.options.target)
-    iterative_steps = property(lambda self: self.options.iterative_steps)
-    max_pruning_ratio = property(lambda self: self.options.max_pruning_ratio)
     verify = property(lambda self: self.options.verify)
     tolerance = property(lambda self: self.options.tolerance)
+    names = property(lambda self: self.state.names)
+    skipped = property(lambda self: self.state.skipped)
 
     def forward(self, model: nn.Module, inputs):
         """Run ``model`` on example inputs: torch-pruning's ``forward_fn`` if given, else ``model(*inputs)``."""
         forward_fn: Callable | None = self.options.graph_options.get("forward_fn")
         return forward_fn(model, inputs) if forward_fn is not None else run_model(model, inputs)
 
-    # ------------------------------------------------------------------ state
     def module(self, name: str) -> nn.Module:
-        return self._modules[name]
+        return self.state.layer(name)
 
     def skeleton(self, name: str, modules: Mapping[str, nn.Module] | None = None) -> FilterSkeleton:
         """The Filter Skeleton parametrization of conv ``name`` (in ``modules``, a copy's, if given)."""
-        return skeleton_of((modules or self._modules)[name])
+        return self.state.skeleton(name, modules)
 
     @property
     def skeletons(self) -> Mapping[str, nn.Parameter]:
-        """Qualified conv name -> Filter Skeleton ``(out, kh, kw)`` (``(S,)`` for a StripeConv2d)."""
-        if self._stepped:
-            return dict(self._final_skeletons)
-        return {name: self.skeleton(name).skeleton for name in self.names}
+        """Qualified conv name -> Filter Skeleton ``(out, kh, kw)`` (``(S,)`` for a StripeConv2d); after the last
+        ``step()``, their values then."""
+        return dict(self._final_skeletons) if self._phase != "train" else self.state.values()
 
     def stripe_sparsity(self) -> float:
-        """Fraction of stripes that are dead (over all skeleton layers); after ``step()``, its value then."""
-        if self._stepped:
-            return self._final_sparsity
-        masks = [self.skeleton(name).alive for name in self.names]
-        return sum(int((~m).sum()) for m in masks) / max(1, sum(m.numel() for m in masks))
-
-    def fed_batchnorms(self) -> List[nn.Module | None]:
-        """Per skeleton layer, the one BatchNorm its filters feed (the one a dead filter masks), else ``None``."""
-        norms = [[self._modules[m] for m, t in self._mask_targets[n] if t == "weight"] for n in self.names]
-        return [found[0] if len(found) == 1 else None for found in norms]
+        """Fraction of stripes that are dead (over all skeleton layers); after the last ``step()``, its value then."""
+        return self._final_sparsity if self._phase != "train" else self.state.sparsity()
 
     def kill_units(self) -> List[torch.Tensor] | None:
         """Extension point of target-driven pruning: per skeleton layer, FS-shaped ids in ``[0, n)`` of the
@@ -192,170 +215,176 @@ class StripePruner(tp.pruner.BasePruner):
         accepted for torch-pruning compatibility (a DDP wrapper is fine); the pruner's own model is used.
         """
         reg = self.sr if reg is None else check_number("reg", reg)
-        self._require_not_stepped("regularize")
-        self._check_attached()
-        skeletons = [self.skeleton(name) for name in self.names]
+        if self._phase == "between":
+            raise RuntimeError("regularize() after a pruning step(): call pruner.update_regularizer() first (it "
+                               "attaches the next step's Filter Skeletons), then build the optimizer, then train.")
+        self._require_training("regularize")
+        self.state.check_attached()
+        skeletons = [self.state.skeleton(name) for name in self.state.names]
         if all(fs.skeleton.grad is None for fs in skeletons):
             raise RuntimeError("regularize() found no gradient on any Filter Skeleton: call it after loss.backward() "
-                               "and before optimizer.step(), and build the optimizer after the StripePruner.")
-        for name, fs in zip(self.names, skeletons):
+                               "and before optimizer.step(), and build the optimizer after the StripePruner "
+                               "(and again after each step() that pruned).")
+        for name, fs in zip(self.state.names, skeletons):
             if fs.skeleton.grad is not None:
                 fs.skeleton.grad.add_(torch.sign(fs.skeleton) * reg)
             had_stripes = bool(fs.alive.any())
-            self.kill_stripes(name, fs.alive & (fs.skeleton.abs() > self.threshold))
+            self.state.kill(name, fs.alive & (fs.skeleton.abs() > self.threshold))
             if had_stripes and not fs.alive.any():
                 warnings.warn(f"StripePruner: every stripe of '{name}' is now dead (|FS| <= threshold="
                               f"{self.threshold:g}); the layer outputs only its bias and step() keeps one empty "
                               "channel for it. Lower sr or threshold if this is not wanted.", stacklevel=2)
 
     def update_regularizer(self) -> None:
-        """Re-synchronise the channel masks with the stripe masks (e.g. after loading a checkpoint)."""
-        self._require_not_stepped("update_regularizer")
-        for name in self.names:
-            self.kill_stripes(name, self.skeleton(name).alive)
-
-    @torch.no_grad()
-    def kill_stripes(self, name: str, alive: torch.Tensor, modules: Mapping[str, nn.Module] | None = None,
-                     mask_channels: bool = True) -> None:
-        """Mark the stripes of ``name`` outside ``alive`` dead (in ``modules``, a copy's, if given); with
-        ``mask_channels``, also zero the bias and norm channels of the filters left without a stripe."""
-        modules = modules or self._modules
-        fs = self.skeleton(name, modules)
-        fs.alive.copy_(alive)
-        fs.skeleton.mul_(alive)
-        if fs.skeleton.grad is not None:
-            fs.skeleton.grad.mul_(alive)
-        if not mask_channels:
-            return
-        channels = filter_alive(modules[name], alive)
-        for module_name, tensor_name in self._mask_targets[name]:
-            parametrization = modules[module_name].parametrizations[tensor_name]
-            parametrization[0].mask.copy_(channels)
-            parametrization.original.mul_(channels)
-            if parametrization.original.grad is not None:
-                parametrization.original.grad.mul_(channels)
-
-    @torch.no_grad()
-    def merge(self, model: nn.Module) -> None:
-        """The merge phase on ``model`` (the pruner's model or a copy of it): prune what ``regularize()`` killed
-        (and stripes whose FS is exactly 0), bake the skeletons into the weights, remove the parametrizations.
-
-        A stripe that the very last optimizer step pushed under the threshold still computes something and is
-        kept (``regularize()`` would kill it at the next iteration); a filter whose FS values are all exactly 0
-        but were never killed keeps its bias / norm channels: they still compute. So merging never changes the
-        function."""
-        modules = dict(model.named_modules())
-        for name in self.names:
-            fs = self.skeleton(name, modules)
-            self.kill_stripes(name, fs.alive & fs.skeleton.ne(0), modules, mask_channels=False)
-        detach_skeletons(model, merge=True)
+        """After a ratio ``step()``: attach the next step's Filter Skeletons (call it before building the optimizer
+        you fine-tune with, as torch-pruning's pruners refresh their regularizer); otherwise re-synchronise the
+        channel masks with the stripe masks (e.g. after loading a checkpoint)."""
+        self._require_training("update_regularizer")
+        for name in self.state.names:
+            self.state.kill(name, self.state.skeleton(name).alive)
 
     def detach(self, merge: bool = True) -> None:
-        """Take every skeleton and mask off the model without pruning (``merge``: bake them in)."""
-        self._require_not_stepped("detach")
+        """Take every skeleton and mask off the model without pruning (``merge``: bake them in: the soft-pruned
+        model, same layers, dead stripes and channels zero)."""
+        self._require_training("detach")
         self._final_skeletons, self._final_sparsity = dict(self.skeletons), self.stripe_sparsity()
         detach_skeletons(self.model, merge=merge)
-        self._stepped = True
+        self._phase = "done"
 
     # ------------------------------------------------------------------ pruning
     def step(self, interactive: bool = False) -> Iterator[tp.Group] | None:
-        """Merge the skeletons into the weights, remove dead channels, convert convs to ``StripeConv2d``.
+        """One pruning step: choose what dies (ratio / target modes), rehearse, then merge the skeletons into the
+        weights, remove dead channels, convert convs to ``StripeConv2d``, check.
 
-        Everything is first rehearsed on a copy of the model (channel groups that torch-pruning cannot
-        prune exactly are dropped there); the model itself is changed only once the rehearsal reproduced
-        its outputs. With a target and ``iterative_steps=k``, steps 1..k-1 only kill stripes (towards the
-        scheduler's reductions) and training goes on. With ``interactive=True`` returns a generator of the
-        channel-removal groups (call ``group.prune()`` on each, as with torch-pruning); conversion and the
-        final check run when the generator is exhausted.
+        Everything is first rehearsed on a copy of the model (channel groups that torch-pruning cannot prune
+        exactly are dropped there); the model itself is changed only once the rehearsal reproduced its outputs.
+        Ratio mode: every step prunes, like torch-pruning's, and leaves a plain stripe-pruned model (count it, save it,
+        stop there); the next step's skeletons are attached by that step, or by ``update_regularizer()`` (call it
+        before building the optimizer of a fine-tuning with ``regularize``). Target
+        mode with ``iterative_steps=k``: steps 1..k-1 only kill stripes (towards the scheduler's reductions) and
+        training goes on. With ``interactive=True`` returns a generator of the channel-removal groups (see
+        :mod:`.session`: ``group.prune()``, ``group.prune(idxs=...)``, or nothing for soft pruning); conversion and
+        the final check run when it is exhausted. After an interrupted interactive loop, ``step()`` finishes it.
         """
-        self._require_not_stepped("step")
+        if self._phase == "pruning":  # an interactive loop stopped early: finish that step
+            return self._session.groups() if interactive else self._session.prune_all()
+        self._require_training("step")
         self._validate()
         self.current_step += 1
-        rehearsal = Rehearsal(self)
-        if self.target is not None:
+        rehearsal = Rehearsal(self.model, self.state, self.example_inputs, self.forward, self.options,
+                              self.graph_options, use_graph=self.DG is not None)
+        if self.options.mode == "target":
             goal = self.options.step_goals()[min(self.current_step, self.iterative_steps) - 1]
-            self.target_history.append((goal, reach_target(self, rehearsal, goal)))
+            if self.options.target[0] == "macs" and self.positions is None:
+                self.positions = output_positions(self.model, [self.module(n) for n in self.names],
+                                                  self.example_inputs)
+            reached = reach_target(self.state, rehearsal, self.options, goal, self.dense_counts, self.positions,
+                                   self.kill_units())
+            self.target_history.append((goal, reached))
             if self.current_step < self.iterative_steps:  # an intermediate step: stripes killed only
                 return iter(()) if interactive else None
-        groups = self._prune(rehearsal)
-        if interactive:
-            return groups
-        for group in groups:
-            group.prune()
-        return None
+        elif self.options.mode == "ratio":
+            self.state.kill_masks(ratio_kills(self.state, self.options, self.current_step, self.initial_stripes))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            plan, notes = rehearsal.run()
+            self.notes += notes
+            self._final_skeletons, self._final_sparsity = dict(self.state.values()), self.state.sparsity()
+            self._phase = "pruning"
+            self._session = PruneSession(self, rehearsal, plan)
+        finally:
+            self.model.train(was_training)
+        return self._session.groups() if interactive else self._session.prune_all()
 
-    def _prune(self, rehearsal: Rehearsal) -> Iterator[tp.Group]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        plan, notes = rehearsal.run()
-        self.notes += notes
-        self._final_skeletons, self._final_sparsity = dict(self.skeletons), self.stripe_sparsity()
-        self.merge(model)
-        self._stepped = True
-        if plan:
-            self.DG = self._graph(model)
-            if self.DG is None:  # rehearsed fine, but the graph of the model itself did not build in time
-                self.notes.append(Note(CLEANUP_SKIPPED, "", "channel cleanup skipped: DependencyGraph of the "
-                                                            "merged model unavailable"))
-                plan = []
-        modules = dict(model.named_modules())
-        for name, fn, idxs in plan:
-            yield self.DG.get_pruning_group(modules[name], fn, idxs)
-        convert_to_stripes(model, self.names, self.notes.append)
-        self.DG = self._graph(model)
-        mismatch = rehearsal.mismatch(model) if self.verify else None
-        model.train(was_training)
-        if mismatch:
-            raise RuntimeError(f"step() changed the model's outputs although its rehearsal did not: {mismatch}")
-        skipped = [n for n in self.notes if n.kind == CLEANUP_SKIPPED]
-        if skipped:
-            warnings.warn(f"StripePruner.step(): channel cleanup skipped in {len(skipped)} place(s), stripes pruned "
-                          f"anyway (dead filters there stay as zero channels), e.g. {skipped[0]}. All of it: "
-                          "pruner.notes.", stacklevel=3)
+    def graph_of_or_raise(self, model: nn.Module) -> tp.DependencyGraph:
+        return build_graph(model, self.example_inputs, self.graph_options, self.options.graph_timeout)
 
-    def _graph(self, model: nn.Module) -> tp.DependencyGraph | None:
+    def graph_of(self, model: nn.Module) -> tp.DependencyGraph | None:
+        """A fresh DependencyGraph of ``model`` (None if it cannot be built within ``graph_timeout``)."""
         try:
             return build_graph(model, self.example_inputs, self.graph_options, self.options.graph_timeout)
         except Exception:  # the graph is optional after step(): it only serves further torch-pruning use
             return None
 
-    # ------------------------------------------------------------------ BasePruner methods without a stripe meaning
-    def _refused(self, *args, **kwargs):
-        raise NotImplementedError("this torch-pruning BasePruner method works on channel-ratio bookkeeping that "
-                                  "StripePruner does not keep (it prunes stripes): use step(), or a torch-pruning "
-                                  "pruner with swp_plugin.StripeImportance for channel pruning")
+    def record_channel_history(self, entries: List) -> None:
+        """Called by the prune phase: the channel removals of this step (torch-pruning's history entries)."""
+        self._channel_history += [list(e) for e in entries]
 
-    manual_prune_width = estimate_importance = pruning_history = load_pruning_history = _refused
-    get_target_pruning_ratio = get_target_head_pruning_ratio = reset = _refused
+    def end_round(self) -> None:
+        """Called by the prune phase once the model is converted: a fresh graph, then new skeletons for the next
+        ratio step, or the end."""
+        self._session = None
+        self.DG = self.graph_of(self.model)
+        more = self.options.mode == "ratio" and self.current_step < self.iterative_steps
+        self._phase = "between" if more else "done"  # between: a clean pruned model; next skeletons on demand
+
+    # ------------------------------------------------------------------ the rest of BasePruner's interface
+    def pruning_history(self) -> Dict:
+        """The channel removals and the stripe structure so far (plain data, see :mod:`.history`)."""
+        return make_history(self._channel_history, stripe_structure(self.model, self.state.names))
+
+    def load_pruning_history(self, pruning_history: Dict) -> None:
+        """Give this pruner's (fresh) model the structure of ``pruning_history`` (see :mod:`.history`); then load
+        the pruned ``state_dict``. The pruner is done afterwards (its skeletons are merged: FS = 1, nothing dies)."""
+        if self.current_step or self._phase != "train" or self.state.sparsity():
+            raise RuntimeError("load_pruning_history() needs a fresh pruner on a fresh model (no step(), no dead "
+                               "stripe): build StripePruner(fresh_model, example_inputs) first")
+        final = dict(self.state.values())
+        self._channel_history = load_history(self.model, pruning_history, self.graph_of_or_raise,
+                                             prepare=lambda m: detach_skeletons(m, merge=True))
+        self._final_skeletons, self._final_sparsity = final, 0.0
+        self.DG = self.graph_of(self.model)
+        self._phase = "done"
+
+    def estimate_importance(self, group) -> torch.Tensor | None:
+        """Channel importance of a torch-pruning group from the Filter Skeletons (``importance`` if it scores
+        groups, else :class:`StripeImportance`): per root channel, ``sum |FS| * ...`` (see its docstring)."""
+        importance = self.importance if callable(self.importance) else StripeImportance(self.skeletons)
+        return importance(group)
+
+    @torch.no_grad()
+    def manual_prune_width(self, layer: nn.Module, pruning_fn: Callable, pruning_ratios_or_idxs) -> None:
+        """Kill every stripe of the given filters of skeleton conv ``layer`` now (output channels: ``pruning_fn``
+        must be an out-channel pruning function); a float is the fraction of its filters, the lowest-ranked go.
+        This changes the function, as asked; ``step()`` then removes the filters with their channels."""
+        self._require_training("manual_prune_width")
+        name = next((n for n in self.names if self.module(n) is layer), None)
+        if name is None:
+            raise ValueError(f"manual_prune_width: {type(layer).__name__} is not a conv with a Filter Skeleton of this "
+                             f"pruner (those are {self.names[:5]}...)")
+        if getattr(pruning_fn, "__name__", "") != "prune_out_channels":
+            raise NotImplementedError("manual_prune_width: only output channels have a stripe meaning (a filter's "
+                                      "stripes); prune the producer's out channels (e.g. tp.prune_conv_out_channels)")
+        self.state.kill(name, filter_kills(self.state, self.options, name, pruning_ratios_or_idxs))
+
+    def reset(self) -> None:
+        """torch-pruning's ``reset``: the schedule starts again at step 0 (stripes killed so far stay dead)."""
+        if self._phase in ("pruning", "done"):
+            self._require_training("reset")
+        self.current_step = 0
+
+    def _prune(self):  # BasePruner's channel ranking
+        raise NotImplementedError("BasePruner._prune ranks channel groups; StripePruner's step() prunes stripes")
 
     # ------------------------------------------------------------------ checks
-    def _require_not_stepped(self, what: str) -> None:
-        if self._stepped:
-            raise RuntimeError(f"{what}() after step()/detach(): the skeletons are already merged and pruned. "
-                               "Build a new StripePruner for another round.")
-
-    def _check_attached(self) -> None:
-        """Every skeleton conv is still in the model, with its Filter Skeleton."""
-        for name in self.names:
-            layer = self._modules[name]
-            try:
-                in_model = self.model.get_submodule(name) is layer
-            except AttributeError:
-                in_model = False
-            if not in_model or not any(isinstance(p, FilterSkeleton) for p in getattr(
-                    getattr(layer, "parametrizations", {}), "weight", [])):
-                raise RuntimeError(f"the Filter Skeleton of '{name}' is gone (the conv was replaced or its "
-                                   "parametrization removed after the StripePruner was built); build a new "
-                                   "StripePruner for this model.")
+    def _require_training(self, what: str) -> None:
+        """Refuse ``what`` unless the skeletons are attached (attaching the next step's after a ratio step)."""
+        if self._phase == "between":
+            self.state = Skeletons(self.model, self.options.ignored_layers, self.DG)
+            self._phase = "train"
+        if self._phase == "pruning":
+            raise RuntimeError(f"{what}(): an interactive step() is still open (its loop stopped early): call "
+                               "pruner.step() to finish it first.")
+        if self._phase == "done":
+            raise RuntimeError(f"{what}() after the last step()/detach(): the skeletons are already merged and "
+                               "pruned. Build a new StripePruner for another round.")
 
     def _validate(self) -> None:
-        self._check_attached()
-        for name in self.names:
-            if not torch.isfinite(self.skeleton(name).skeleton).all():
-                raise ValueError(f"Filter Skeleton of '{name}' holds NaN/Inf; fix training (lower lr/sr) first")
-            if not torch.isfinite(self._modules[name].parametrizations["weight"].original).all():
-                raise ValueError(f"weight of '{name}' holds NaN/Inf; the model cannot be pruned exactly")
+        self.state.check_attached()
+        self.state.check_finite()
+        checks.check_model_finite(self.model)
+        checks.check_inputs_finite(self.example_inputs)
 
     def _check_runs(self) -> None:
         was_training = self.model.training

@@ -11,11 +11,13 @@ trying halves of the plan on fresh copies, recursively, so ``f`` failing groups 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, List, Tuple
+import warnings
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
+from ..layers.stripe_conv import StripeConv2d
 from ..measure.counting import count_ops_and_params
 from ..utils import copy_model, flat_outputs, probe_inputs, time_limit
 from .channels import plan_channel_removal, record_input_amax
@@ -24,7 +26,8 @@ from .graph import build_graph
 from .notes import CLEANUP_SKIPPED, Note
 
 if TYPE_CHECKING:
-    from .pruner import StripePruner
+    from .options import PrunerOptions
+    from .skeletons import Skeletons
 
 #: After this many channel groups fail their trial, channel cleanup is given up (stripes are still pruned).
 MAX_GROUP_FAILURES = 8
@@ -39,22 +42,50 @@ def short(err: BaseException) -> str:
 
 
 class Rehearsal:
-    """Trials of ``pruner``'s ``step()`` on copies of its model (see the module docstring)."""
+    """Trials of one ``step()`` of ``model`` on copies (see the module docstring).
 
-    def __init__(self, pruner: StripePruner) -> None:
-        self.pruner = pruner
-        self.probes = probe_inputs(pruner.example_inputs)
+    Args:
+        model: the model being pruned (never changed here).
+        state: its skeletons (kill / merge on the copies go through it).
+        example_inputs: the pruner's example inputs (the probes are them and a seeded random batch).
+        forward: ``forward(model, inputs)`` (torch-pruning's ``forward_fn`` or a plain call).
+        options: the pruner's options (tolerance, verify, graph_timeout, root_module_types).
+        graph_options: what the DependencyGraph is built with (customized_pruners included).
+        use_graph: plan a channel cleanup (False: stripes only).
+    """
+
+    def __init__(self, model: nn.Module, state: Skeletons, example_inputs, forward: Callable,
+                 options: PrunerOptions, graph_options: Dict, use_graph: bool) -> None:
+        self.model, self.state, self.example_inputs, self.forward = model, state, example_inputs, forward
+        self.options, self.graph_options, self.use_graph = options, graph_options, use_graph
+        self.custom_types = tuple(t for t in (graph_options.get("customized_pruners") or {})
+                                  if isinstance(t, type) and t is not StripeConv2d)
+        self.probes = probe_inputs(example_inputs)
         self.reference: List[List[torch.Tensor]] = []
+
+    def record(self, model: nn.Module | None = None) -> None:
+        """The outputs every later :meth:`mismatch` compares with: ``model``'s (default: the pruned model's) now,
+        in eval mode. ``ValueError`` if they are not finite (nothing can be checked against NaN)."""
+        model = model if model is not None else self.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                self.reference = [flat_outputs(self.forward(model, p)) for p in self.probes]
+        finally:
+            model.train(was_training)
+        for i, outputs in enumerate(self.reference):
+            if not all(torch.isfinite(o).all() for o in outputs):
+                where = "the example inputs" if i == 0 else "a random batch shaped like the example inputs"
+                raise ValueError(f"the model's outputs on {where} hold NaN/Inf (weights, statistics and inputs are "
+                                 "finite: an overflow, e.g. in float16?); step() cannot check exactness. Run it in "
+                                 "float32, or pass inputs of the scale the model expects.")
 
     def run(self) -> Tuple[NamedPlan, List[Note]]:
         """Record the model's outputs now (eval mode), then find the channel plan that keeps them, and notes;
-        ``RuntimeError`` if even stripe-only pruning changes the outputs (the model is untouched)."""
-        model = self.pruner.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            self.reference = [flat_outputs(self.pruner.forward(model, p)) for p in self.probes]
-        model.train(was_training)
+        ``RuntimeError`` if even stripe-only pruning changes the outputs (the model is untouched), unless
+        ``verify=False``: then a warning says by how much, and the plan is returned."""
+        self.record()
         trial = self.merged_copy()
         plan, notes = self.plan_on(trial)
         failure = self.try_plan(trial, plan)
@@ -63,36 +94,40 @@ class Rehearsal:
             notes += group_notes
             failure = self.try_plan(self.merged_copy(), plan)
         if failure is not None:
+            if not self.options.verify:
+                warnings.warn(f"StripePruner.step(verify=False): the pruned model's outputs differ ({failure}); "
+                              "pruned anyway, as asked.", stacklevel=4)
+                return plan, notes
             raise RuntimeError(
                 f"step() would change the model's outputs ({failure}); the model was left as it was. "
                 "This model has a layer the stripe conversion does not reproduce: please report it, or "
-                "pass verify=False to prune anyway."
+                "build the pruner with verify=False to prune anyway (the outputs will then differ that much)."
             )
         return plan, notes
 
     def merged_copy(self, kills: List[torch.Tensor] | None = None) -> nn.Module:
         """A copy of the model with ``kills`` (FS-shaped bool masks per skeleton layer) killed, merged."""
-        trial = copy_model(self.pruner.model)
-        modules = dict(trial.named_modules())
-        for name, kill in zip(self.pruner.names, kills or ()):
-            alive = self.pruner.skeleton(name, modules).alive
-            self.pruner.kill_stripes(name, alive & ~kill.to(alive.device), modules)
-        self.pruner.merge(trial)
+        trial = copy_model(self.model)
+        if kills:
+            self.state.kill_masks(kills, dict(trial.named_modules()))
+        self.state.merge(trial)
         return trial
 
     def plan_on(self, trial: nn.Module) -> Tuple[NamedPlan, List[Note]]:
         """The channel-removal plan (by module names) for a merged copy; empty without a graph."""
-        pruner = self.pruner
-        if pruner.DG is None:
+        if not self.use_graph:
             return [], []
-        timeout = pruner.options.graph_timeout
+        timeout = self.options.graph_timeout
+        roots_types = self.options.root_module_types
         try:
             with time_limit(timeout):
-                graph = build_graph(trial, pruner.example_inputs, pruner.graph_options, timeout)
-                amax = record_input_amax(trial, self.probes, pruner.forward)
+                graph = build_graph(trial, self.example_inputs, self.graph_options, timeout)
+                amax = record_input_amax(trial, self.probes, self.forward)
                 modules = dict(trial.named_modules())
                 names = {m: n for n, m in modules.items()}
-                plan, notes = plan_channel_removal(graph, [modules[n] for n in pruner.names], amax, names)
+                roots = [modules[n] for n in self.state.names
+                         if roots_types is None or isinstance(modules[n], roots_types)]
+                plan, notes = plan_channel_removal(graph, roots, amax, names, custom_types=self.custom_types)
             return [(names[m], fn, idxs) for m, fn, idxs in plan], notes
         except Exception as err:  # any failure of the graph analysis: no channel cleanup, said in a note
             return [], [Note(CLEANUP_SKIPPED, "", f"channel cleanup skipped: DependencyGraph analysis failed "
@@ -101,17 +136,16 @@ class Rehearsal:
     def try_plan(self, trial: nn.Module, plan: NamedPlan, check: bool = True, convert: bool = True) -> str | None:
         """Prune ``plan`` (and convert) on ``trial``; ``None`` if its outputs match (or ``check=False`` and it
         ran), else what went wrong."""
-        pruner = self.pruner
         try:
             if plan:
-                timeout = pruner.options.graph_timeout
+                timeout = self.options.graph_timeout
                 with time_limit(timeout):
-                    graph = build_graph(trial, pruner.example_inputs, pruner.graph_options, timeout)
+                    graph = build_graph(trial, self.example_inputs, self.graph_options, timeout)
                     modules = dict(trial.named_modules())
                     for name, fn, idxs in plan:
                         graph.get_pruning_group(modules[name], fn, idxs).prune()
             if convert:
-                convert_to_stripes(trial, pruner.names)
+                convert_to_stripes(trial, self.state.names)
             return self.mismatch(trial) if check else None
         except Exception as err:  # a failing trial is an answer, not an error
             return short(err)
@@ -120,7 +154,7 @@ class Rehearsal:
         """Keep the channel groups that can be pruned exactly (after a failed full plan); stops after
         :data:`MAX_GROUP_FAILURES` failures or ``graph_timeout`` seconds."""
         notes: List[Note] = []
-        deadline = time.monotonic() + (self.pruner.options.graph_timeout or float("inf"))
+        deadline = time.monotonic() + (self.options.graph_timeout or float("inf"))
 
         def accept(accepted: NamedPlan, items: NamedPlan) -> NamedPlan:
             if not items or len(notes) >= MAX_GROUP_FAILURES or time.monotonic() > deadline:
@@ -147,8 +181,8 @@ class Rehearsal:
         plan, _ = self.plan_on(trial)
         if self.try_plan(trial, plan, check=False) is not None:  # cleanup failed there: stripes only
             trial = self.merged_copy(kills)
-            convert_to_stripes(trial, self.pruner.names)
-        counts = count_ops_and_params(trial, self.pruner.example_inputs)
+            convert_to_stripes(trial, self.state.names)
+        counts = count_ops_and_params(trial, self.example_inputs)
         return counts[0], counts[1]
 
     @torch.no_grad()
@@ -156,9 +190,9 @@ class Rehearsal:
         """What differs between ``model``'s outputs on the probes and the reference (recorded by :meth:`run`),
         or ``None``."""
         model.eval()
-        tolerance = self.pruner.options.tolerance
+        tolerance = self.options.tolerance
         for ref, probe in zip(self.reference, self.probes):
-            out = flat_outputs(self.pruner.forward(model, probe))
+            out = flat_outputs(self.forward(model, probe))
             if len(out) != len(ref):
                 return f"{len(ref)} output tensors became {len(out)}"
             for r, o in zip(ref, out):

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ..skeleton.attach import skeleton_input
 from ..utils import run_with_hooks
 
 if TYPE_CHECKING:
-    from .pruner import StripePruner
+    from .options import PrunerOptions
     from .rehearsal import Rehearsal
+    from .skeletons import Skeletons
 
 #: The reduction is accepted once within this distance of the target (the contract is 0.03).
 ACCEPT = 0.01
@@ -39,20 +39,72 @@ SCORES = ("fs", "fs_bn")
 
 
 def stripe_scores(skeletons: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                  alive: Sequence[torch.Tensor], gains: Sequence[torch.Tensor | None] | None = None
-                  ) -> List[torch.Tensor]:
+                  alive: Sequence[torch.Tensor], gains: Sequence[torch.Tensor | None] | None = None,
+                  raw: Sequence[torch.Tensor] | None = None) -> List[torch.Tensor]:
     """Per layer, FS-shaped importance of each alive stripe (``inf`` for dead ones), mean-normalised.
-    ``gains``: per layer ``None`` or a multiplier broadcastable to the skeleton (see :func:`batchnorm_gains`)."""
+    ``gains``: per layer ``None`` or a multiplier broadcastable to the skeleton (see :func:`batchnorm_gains`);
+    ``raw``: per layer scores of a stripe importance (the protocol of :mod:`.importance`) instead of
+    ``|FS| * ||W_stripe||``."""
     scores = []
     for i, (fs, weight, live) in enumerate(zip(skeletons, weights, alive)):
-        magnitude = weight.detach().float().norm(dim=1)  # (out, kh, kw) for a conv, (S,) for a stripe conv
-        score = fs.detach().float().abs() * magnitude
+        if raw is not None:
+            score = raw[i].detach().float()
+        else:
+            score = fs.detach().float().abs() * weight.detach().float().norm(dim=1)  # (out, kh, kw) or (S,)
         if gains is not None and gains[i] is not None:
             score = score * gains[i].to(score)
         mean = score[live].mean() if live.any() else torch.tensor(1.0)
         score = score / (mean if mean > 0 else 1.0)
         scores.append(torch.where(live, score, torch.full_like(score, float("inf"))))
     return scores
+
+
+def layer_scores(state: Skeletons, score: str = "fs", importance=None) -> List[torch.Tensor]:
+    """The ranking of every layer's alive stripes (:func:`stripe_scores`): ``importance``'s scores (the stripe
+    protocol) if given, else ``score`` (``'fs'`` or ``'fs_bn'``)."""
+    layers = [state.layer(n) for n in state.names]
+    fs = [state.skeleton(n).skeleton for n in state.names]
+    weights = state.weights()
+    raw = None
+    if importance is not None:
+        raw = []
+        for name, layer, f, w in zip(state.names, layers, fs, weights):
+            value = importance.stripe_scores(layer, f, w)
+            if not isinstance(value, torch.Tensor) or value.shape != f.shape or not torch.isfinite(value).all() \
+                    or bool((value < 0).any()):
+                raise ValueError(f"{type(importance).__name__}.stripe_scores for '{name}' must return finite scores "
+                                 f">= 0 of shape {tuple(f.shape)} (the skeleton's), got "
+                                 f"{tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}")
+            raw.append(value)
+    gains = batchnorm_gains(layers, state.fed_batchnorms()) if score == "fs_bn" else None
+    return stripe_scores(fs, weights, state.alive(), gains, raw)
+
+
+def round_kept(kills: List[torch.Tensor], scores: Sequence[torch.Tensor], round_to: int | None
+               ) -> List[torch.Tensor]:
+    """Adjust per-layer ``kills`` (FS-shaped bool) so that each layer keeps a multiple of ``round_to`` alive stripes:
+    down to the multiple below (killing the next lowest-ranked), or, where that is 0, up to ``round_to`` (killing
+    fewer). ``scores``: :func:`stripe_scores` (``inf`` = dead already)."""
+    if not round_to or round_to == 1:
+        return kills
+    rounded = []
+    for kill, score in zip(kills, scores):
+        flat_kill, flat_score = kill.flatten().clone(), score.flatten().cpu()
+        alive = torch.isfinite(flat_score)
+        kept = int((alive & ~flat_kill).sum())
+        want = kept - kept % round_to
+        if want == 0:
+            want = min(int(alive.sum()), round_to)
+        if want < kept:  # kill more: the lowest-ranked survivors
+            survivors = (alive & ~flat_kill).nonzero().flatten()
+            order = survivors[torch.argsort(flat_score[survivors])]
+            flat_kill[order[: kept - want]] = True
+        elif want > kept:  # kill fewer: spare the highest-ranked of this selection
+            chosen = (alive & flat_kill).nonzero().flatten()
+            order = chosen[torch.argsort(flat_score[chosen], descending=True)]
+            flat_kill[order[: want - kept]] = False
+        rounded.append(flat_kill.view(kill.shape))
+    return rounded
 
 
 @torch.no_grad()
@@ -184,46 +236,46 @@ def stripe_costs(layers: Sequence[nn.Module], metric: str, positions: Sequence[i
             for i, layer in enumerate(layers)]
 
 
-def reach_target(pruner: StripePruner, rehearsal: Rehearsal, goal: float) -> float:
-    """Kill the least important alive stripes of ``pruner``'s layers so that the pruned model's metric (MACs or
-    params, stripe indexes and channel cleanup included: every candidate is rehearsed) drops by ``goal``;
-    returns the reduction reached. Raises ``ValueError`` (nothing killed) if the target is out of reach."""
-    metric = pruner.options.target[0]
-    layers = [pruner.module(n) for n in pruner.names]
-    fs = [pruner.skeleton(n) for n in pruner.names]
-    gains = batchnorm_gains(layers, pruner.fed_batchnorms()) if pruner.options.score == "fs_bn" else None
-    scores = stripe_scores([f.skeleton for f in fs], [skeleton_input(m) for m in layers], [f.alive for f in fs],
-                           gains)
-    if metric == "macs" and pruner.positions is None:
-        pruner.positions = output_positions(pruner.model, layers, pruner.example_inputs)
-    costs = stripe_costs(layers, metric, pruner.positions)
-    units = pruner.kill_units()
+def reach_target(state: Skeletons, rehearsal: Rehearsal, options: PrunerOptions, goal: float,
+                 dense: Tuple[float, int], positions: List[int] | None, units: List[torch.Tensor] | None) -> float:
+    """Kill the least important alive stripes of ``state``'s layers so that the pruned model's metric (MACs or
+    params, stripe indexes and channel cleanup included: every candidate is rehearsed) drops by ``goal`` relative
+    to ``dense`` (the unpruned model's counts); returns the reduction reached. ``positions``: output positions per
+    layer (MACs targets); ``units``: kill units (see ``StripePruner.kill_units``). Raises ``ValueError`` (nothing
+    killed) if the target is out of reach."""
+    metric = options.target[0]
+    layers = [state.layer(n) for n in state.names]
+    scores = layer_scores(state, options.score, options.importance)
+    stripe_ranking = scores
+    costs = stripe_costs(layers, metric, positions)
     if units is not None:  # coarser granularity: rank and kill groups of stripes
+        if options.round_to not in (None, 1):
+            raise ValueError("round_to rounds single stripes; this pruner kills groups of stripes (kill_units)")
         scores, sizes = unit_scores(scores, units)
         costs = [size * cost for size, cost in zip(sizes, costs)]
-    order, flats, cost = ranked_candidates(scores, costs, pruner.options.max_pruning_ratio)
-    dense = pruner.dense_counts[0 if metric == "macs" else 1]
+    order, flats, cost = ranked_candidates(scores, costs, options.max_pruning_ratio)
+    total = dense[0 if metric == "macs" else 1]
     shapes = [s.shape for s in scores]
 
     def kills(k: int) -> List[torch.Tensor]:
         masks = kill_masks(shapes, order, flats, k)
-        return masks if units is None else [m[u.to(torch.long).cpu()] for m, u in zip(masks, units)]
+        if units is not None:
+            return [m[u.to(torch.long).cpu()] for m, u in zip(masks, units)]
+        return round_kept(masks, stripe_ranking, options.round_to)
 
     def measure(k: int) -> float:
-        return 1.0 - rehearsal.counts(kills(k))[0 if metric == "macs" else 1] / dense
+        return 1.0 - rehearsal.counts(kills(k))[0 if metric == "macs" else 1] / total
 
     start = measure(0)
-    cumulative = torch.cat([torch.zeros(1), torch.cumsum(cost, 0)]) / dense
+    cumulative = torch.cat([torch.zeros(1), torch.cumsum(cost, 0)]) / total
     k, reached = search_kill_count(goal, lambda i: start + float(cumulative[i]), measure, len(order))
     if reached < goal - 0.03 and (reachable := measure(len(order))) < goal - 0.03:
         raise ValueError(
             f"{metric}_reduction target {goal:.3f} is unreachable: killing every stripe allowed by "
-            f"max_pruning_ratio={pruner.options.max_pruning_ratio:g} gives {reachable:.3f} (ignored layers and "
+            f"max_pruning_ratio={options.max_pruning_ratio:g} gives {reachable:.3f} (ignored layers and "
             "non-conv layers keep the rest). Lower the target or raise max_pruning_ratio."
         )
-    for name, kill in zip(pruner.names, kills(k)):
-        alive = pruner.skeleton(name).alive
-        pruner.kill_stripes(name, alive & ~kill.to(alive.device))
+    state.kill_masks(kills(k))
     if abs(reached - goal) > 0.03:
         warnings.warn(f"StripePruner: reached {metric}_reduction {reached:.3f} for a target of {goal:.3f} "
                       "(the closest the stripe granularity allows)", stacklevel=4)
