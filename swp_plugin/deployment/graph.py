@@ -144,7 +144,8 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
     """Move ReLUs and residual adds that follow a ``DeployedStripeConv2d`` into its epilogue (in place). Needs
-    shape metadata (``torch.fx.passes.shape_prop.ShapeProp``). Returns what was fused, one line per layer."""
+    shape metadata (``torch.fx.passes.shape_prop.ShapeProp``), and drops it. Returns what was fused, one line per
+    layer."""
     modules, calls, fused = dict(gm.named_modules()), _module_calls(gm), []
     for node in list(gm.graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None
@@ -172,6 +173,8 @@ def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
             parts.append("relu")
         if parts:
             fused.append(f"{node.target}: {' + '.join(parts)}")
+    for node in gm.graph.nodes:  # used up; torch.save cannot pickle it (tp.state_dict copies the graph)
+        node.meta.pop("tensor_meta", None)
     _finish(gm)
     return fused
 

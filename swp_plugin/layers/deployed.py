@@ -169,6 +169,11 @@ class DeployedStripeConv2d(nn.Module):
     def num_stripes(self) -> int:
         return self.weight.shape[0]
 
+    @num_stripes.setter
+    def num_stripes(self, value: int) -> None:  # tp.load_state_dict sets every attribute it saved: check only
+        if value != self.weight.shape[0]:
+            raise ValueError(f"num_stripes is the number of rows of weight ({self.weight.shape[0]}), got {value}")
+
     def to_stripe(self) -> StripeConv2d:
         """The equivalent ``StripeConv2d`` (without the epilogue: act and residual are not part of it)."""
         layer = StripeConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, 0, self.dilation,

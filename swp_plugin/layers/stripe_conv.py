@@ -19,15 +19,20 @@ Backends (same function, exact up to float rounding; all differentiable):
   unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
   ``repr``. :mod:`.config` forces a backend on ``'auto'`` layers (``SWP_STRIPE_BACKEND``, ``set_backend``,
   ``use_backend``).
-  While tracing, exporting or compiling, ``'auto'`` uses the cached choice if it is ``'dense'``, else
-  ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
+  While tracing (``torch.jit.trace``), exporting or compiling, ``'auto'`` uses the cached choice if it is
+  ``'dense'``, else ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
+
+``torch.jit.script`` and plain ``torch.fx.symbolic_trace`` see the layer's compute as one function,
+:func:`.traceable.stripe_conv2d` (registered with ``torch.fx.wrap``: one ``call_function`` node), which runs the
+dense form.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
@@ -40,6 +45,9 @@ from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import same_tensor, scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
+from .traceable import stripe_conv2d
+
+torch.fx.wrap("stripe_conv2d")  # plain torch.fx records the layer's compute as one call_function node
 
 #: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
 MAX_CHOICES = 16
@@ -63,6 +71,10 @@ class StripeConv2d(nn.Module):
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
     """
+
+    #: Python state of eager mode that TorchScript does not compile (a scripted layer runs the dense form)
+    __jit_ignored_attributes__ = ["choices", "_plans", "_dense_cache", "_selection_cache", "_last_backend"]
+    __jit_unused_properties__ = ["backend", "active_backend", "num_stripes"]
 
     def __init__(
         self,
@@ -188,11 +200,23 @@ class StripeConv2d(nn.Module):
         """The backend the last forward used (the requested one before any forward)."""
         return getattr(self, "_last_backend", None) or self._backend
 
+    @active_backend.setter
+    def active_backend(self, value: str) -> None:  # tp.load_state_dict sets every attribute it saved
+        if value not in BACKENDS:
+            raise ValueError(f"active_backend must be one of {BACKENDS}, got {value!r}")
+        self._last_backend = value
+
     # ------------------------------------------------------------------ structure
     @property
     def num_stripes(self) -> int:
-        """Number of kept stripes ``S``."""
+        """Number of kept stripes ``S`` (rows of ``weight``; assigning it only checks that it matches)."""
         return self.weight.shape[0]
+
+    @num_stripes.setter
+    def num_stripes(self, value: int) -> None:  # for tp.load_state_dict, as above
+        if value != self.weight.shape[0]:
+            raise ValueError(f"num_stripes is the number of rows of weight ({self.weight.shape[0]}), got {value}: "
+                             "change the stripes with select_stripes() or StripeConv2d.from_dense()")
 
     def stripe_mask(self) -> torch.Tensor:
         """Kept stripes as a dense bool mask of shape ``(out, kh, kw)``."""
@@ -257,6 +281,8 @@ class StripeConv2d(nn.Module):
         """Recompute the per-position stripe counts (Python ints: the forward loop is static); forget the
         kernel plans, the cached dense kernel and the backend choices (they depend on the structure)."""
         self._position_counts = position_counts(self.stripe_pos, self.kernel_size)
+        self._static_pad: List[int] = [0, 0, 0, 0] if self.same_dynamic else list(
+            static_padding(self.padding, self.kernel_size, self.dilation))
         self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
         self._dense_cache: Tuple[torch.Tensor, torch.Tensor] | None = None
         self._selection_cache: tuple | None = None
@@ -277,6 +303,20 @@ class StripeConv2d(nn.Module):
         return static_padding(self.padding, self.kernel_size, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._graph_forward(x)
+        return self._python_forward(x)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The compute as one function (TorchScript, and a ``call_function`` node of plain ``torch.fx``)."""
+        return stripe_conv2d(x, self.weight, self.bias, self.stripe_out, self.stripe_pos, self.out_channels,
+                             self.kernel_size, self.stride, self.dilation, self._static_pad, self.same_dynamic,
+                             self.padding_mode)
+
+    @torch.jit.unused
+    def _python_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # plain torch.fx traces into the layer (timm's tracers keep it a leaf)
+            return self._graph_forward(x)
         x = standard_layout(x)  # see layout.py: an ambiguous or channels-last input can crash PyTorch's conv
         pad = self._padding_ltrb(x)
         backend = self._resolve_backend(x, pad)
@@ -312,7 +352,7 @@ class StripeConv2d(nn.Module):
         choice = self.choices.get(key)
         if exporting:
             return "dense" if choice == "dense" else "stripe"
-        if choice is None:
+        if choice is None or (choice == "cpp" and not self._cpp_applies(x)):  # (choices copied from elsewhere)
             choice = self._tune(x, pad)
             if len(self.choices) >= MAX_CHOICES:
                 self.choices.pop(next(iter(self.choices)))

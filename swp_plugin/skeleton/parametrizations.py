@@ -8,10 +8,16 @@
   conv feeds, or the conv's own bias) once every stripe of the filter that produces the channel is dead.
 
 Both keep the model code untouched: the conv or norm still reads ``self.weight``.
+
+:func:`copy_with_own_class` makes copies of a parametrized module independent: ``torch.nn.utils.parametrize``
+gives the module a class of its own that holds the parametrized properties, and ``copy.deepcopy`` (timm's
+``ModelEmaV3`` too) shares that class with the copy, so removing a parametrization from one (``step()``,
+``detach_skeletons``) deletes the property from the other's class as well.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -49,3 +55,23 @@ class ChannelMask(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alive={int(self.mask.sum())}/{self.mask.numel()}"
+
+
+def _deepcopy_with_own_class(self: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a parametrized module whose replica gets a copy of the parametrized class."""
+    found = memo.get(id(self))
+    if found is not None:
+        return found
+    cls = type(self)
+    own = type(cls.__name__, cls.__bases__, {k: v for k, v in cls.__dict__.items()
+                                             if k not in ("__dict__", "__weakref__")})
+    replica = own.__new__(own)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def copy_with_own_class(module: nn.Module) -> None:
+    """Make deep copies of the parametrized ``module`` independent of it (see the module docstring); call after
+    ``parametrize.register_parametrization``."""
+    type(module).__deepcopy__ = _deepcopy_with_own_class
