@@ -19,6 +19,7 @@ ALLOWED = {
     "persistence": {"utils", "layers", "deployment"},  # deployment: lazily, to replay a saved deployment
     "deployment": {"utils", "layers", "skeleton", "measure", "pruning", "persistence"},
     "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models"},
+    "interop": {"utils", "layers", "skeleton", "pruning"},
     "cli": {"utils", "layers", "measure", "pruning", "persistence", "models"},
     "recipes": {"utils", "layers", "skeleton", "measure", "pruning", "persistence", "models", "deployment"},
 }

@@ -42,6 +42,7 @@ from ..skeleton.attach import skeleton_of
 from ..skeleton.parametrizations import FilterSkeleton
 from ..skeleton.standardization import unfold_standardization
 from ..utils import run_model
+from ..utils.heads import sync_feature_sizes
 from .convert import convert_to_stripes
 from .functions import customized_pruners
 from .graph import build_graph, fed_norms
@@ -303,6 +304,7 @@ class StripePruner(tp.pruner.BasePruner):
         for name, fn, idxs in plan:
             yield self.DG.get_pruning_group(modules[name], fn, idxs)
         convert_to_stripes(model, self.names, self.notes.append)
+        sync_feature_sizes(model, self.example_inputs)  # timm's num_features after head-feeding channels went
         self.DG = self._graph(model)
         mismatch = rehearsal.mismatch(model) if self.verify else None
         model.train(was_training)
