@@ -18,7 +18,7 @@ ALLOWED = {
     "pruning": {"utils", "layers", "skeleton", "measure"},
     "persistence": {"utils", "layers", "deployment"},  # deployment: lazily, to replay a saved deployment
     "deployment": {"utils", "layers", "skeleton", "measure", "pruning", "persistence"},
-    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models"},
+    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models", "deployment", "interop"},
     "interop": {"utils", "layers", "skeleton", "pruning"},
     "cli": {"utils", "layers", "measure", "pruning", "persistence", "models"},
     "recipes": {"utils", "layers", "skeleton", "measure", "pruning", "persistence", "models", "deployment"},

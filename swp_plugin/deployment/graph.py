@@ -108,13 +108,22 @@ def fold_batchnorms(gm: fx.GraphModule) -> List[Tuple[str, str]]:
             continue
         fold_into(conv, bn)
         folded.append((source.target, node.target))
-        if isinstance(bn, BatchNormAct2d) and not isinstance(bn.act, nn.Identity):
-            node.target = f"{node.target}.act"  # the activation stays
+        if isinstance(bn, BatchNormAct2d) and not isinstance(bn.act, nn.Identity):  # the activation stays, as a
+            node.target = _unused_name(gm, f"{node.target.replace('.', '_')}_act")  # module of its own: the emptied
+            gm.add_submodule(node.target, bn.act)  # BatchNormAct2d goes (it would not script without its drop)
         else:
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     _finish(gm)
     return folded
+
+
+def _unused_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, k = name, 0
+    while hasattr(gm, candidate):
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
 
 
 def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:

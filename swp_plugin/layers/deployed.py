@@ -100,6 +100,8 @@ class DeployedStripeConv2d(nn.Module):
         return x, left, right, top, bottom
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and residual.dtype != x.dtype:  # autocast: the other branch ran in bf16 / fp16
+            residual = residual.to(x.dtype)
         if not torch.jit.is_scripting():
             if self._pytorch_only(x):
                 return self._pytorch_forward(x, residual)
