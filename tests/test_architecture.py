@@ -13,7 +13,7 @@ ALLOWED = {
     "utils": set(),
     "layers": {"utils"},
     "skeleton": {"utils", "layers"},
-    "measure": {"utils", "layers"},
+    "measure": {"utils", "layers", "skeleton"},
     "models": set(),
     "pruning": {"utils", "layers", "skeleton", "measure"},
     "persistence": {"utils", "layers", "deployment"},  # deployment: lazily, to replay a saved deployment

@@ -22,9 +22,7 @@ Backends (same function, exact up to float rounding; all differentiable):
   While tracing (``torch.jit.trace``), exporting or compiling, ``'auto'`` uses the cached choice if it is
   ``'dense'``, else ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
 
-``torch.jit.script`` and plain ``torch.fx.symbolic_trace`` see the layer's compute as one function,
-:func:`.traceable.stripe_conv2d` (registered with ``torch.fx.wrap``: one ``call_function`` node), which runs the
-dense form.
+``torch.jit.script`` and plain ``torch.fx`` see the layer's compute as one function (:mod:`.traceable`).
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
@@ -45,9 +42,7 @@ from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import same_tensor, scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
-from .traceable import stripe_conv2d
-
-torch.fx.wrap("stripe_conv2d")  # plain torch.fx records the layer's compute as one call_function node
+from .traceable import TraceableStripeLayer
 
 #: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
 MAX_CHOICES = 16
@@ -58,7 +53,7 @@ def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
 
 
 @register_notrace_module  # a leaf for torch.fx (its forward has per-call decisions), like timm's Conv2dSame
-class StripeConv2d(nn.Module):
+class StripeConv2d(TraceableStripeLayer, nn.Module):
     """2-D convolution over kept stripes (stripe-wise pruned ``nn.Conv2d``, groups == 1).
 
     Args:
@@ -71,10 +66,6 @@ class StripeConv2d(nn.Module):
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
     """
-
-    #: Python state of eager mode that TorchScript does not compile (a scripted layer runs the dense form)
-    __jit_ignored_attributes__ = ["choices", "_plans", "_dense_cache", "_selection_cache", "_last_backend"]
-    __jit_unused_properties__ = ["backend", "active_backend", "num_stripes"]
 
     def __init__(
         self,
@@ -195,29 +186,7 @@ class StripeConv2d(nn.Module):
         self._backend = value
         self.choices.clear()
 
-    @property
-    def active_backend(self) -> str:
-        """The backend the last forward used (the requested one before any forward)."""
-        return getattr(self, "_last_backend", None) or self._backend
-
-    @active_backend.setter
-    def active_backend(self, value: str) -> None:  # tp.load_state_dict sets every attribute it saved
-        if value not in BACKENDS:
-            raise ValueError(f"active_backend must be one of {BACKENDS}, got {value!r}")
-        self._last_backend = value
-
     # ------------------------------------------------------------------ structure
-    @property
-    def num_stripes(self) -> int:
-        """Number of kept stripes ``S`` (rows of ``weight``; assigning it only checks that it matches)."""
-        return self.weight.shape[0]
-
-    @num_stripes.setter
-    def num_stripes(self, value: int) -> None:  # for tp.load_state_dict, as above
-        if value != self.weight.shape[0]:
-            raise ValueError(f"num_stripes is the number of rows of weight ({self.weight.shape[0]}), got {value}: "
-                             "change the stripes with select_stripes() or StripeConv2d.from_dense()")
-
     def stripe_mask(self) -> torch.Tensor:
         """Kept stripes as a dense bool mask of shape ``(out, kh, kw)``."""
         kh, kw = self.kernel_size
@@ -302,21 +271,7 @@ class StripeConv2d(nn.Module):
             return dynamic_same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
         return static_padding(self.padding, self.kernel_size, self.dilation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._graph_forward(x)
-        return self._python_forward(x)
-
-    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The compute as one function (TorchScript, and a ``call_function`` node of plain ``torch.fx``)."""
-        return stripe_conv2d(x, self.weight, self.bias, self.stripe_out, self.stripe_pos, self.out_channels,
-                             self.kernel_size, self.stride, self.dilation, self._static_pad, self.same_dynamic,
-                             self.padding_mode)
-
-    @torch.jit.unused
-    def _python_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(x, torch.fx.Proxy):  # plain torch.fx traces into the layer (timm's tracers keep it a leaf)
-            return self._graph_forward(x)
+    def _python_forward(self, x: torch.Tensor) -> torch.Tensor:  # forward in eager mode (see TraceableStripeLayer)
         x = standard_layout(x)  # see layout.py: an ambiguous or channels-last input can crash PyTorch's conv
         pad = self._padding_ltrb(x)
         backend = self._resolve_backend(x, pad)

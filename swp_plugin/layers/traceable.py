@@ -1,5 +1,6 @@
-"""The stripe convolution as one TorchScript-compatible function: what a scripted or ``torch.fx``-traced
-``StripeConv2d`` runs.
+"""What tools outside eager PyTorch meet of a ``StripeConv2d`` (:class:`TraceableStripeLayer`): the stripe
+convolution as one TorchScript-compatible function, what a scripted or ``torch.fx``-traced layer runs, and
+attributes that torch-pruning's ``tp.load_state_dict`` assigns.
 
 ``StripeConv2d`` registers :func:`stripe_conv2d` with ``torch.fx.wrap``, so plain ``torch.fx.symbolic_trace``
 (and every tracer built on it: torch.ao's FX quantization, torchvision's feature extractor) records a stripe
@@ -14,7 +15,10 @@ from __future__ import annotations
 from typing import List, Optional
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+
+from .config import BACKENDS
 
 
 def _row_major(t: torch.Tensor) -> bool:
@@ -54,3 +58,54 @@ def stripe_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     kernel = flat.view(out_channels, kh, kw, weight.size(1)).permute(0, 3, 1, 2)
     kernel = kernel.clone(memory_format=torch.contiguous_format)
     return F.conv2d(x, kernel, bias, stride, [0, 0], dilation)
+
+
+torch.fx.wrap("stripe_conv2d")  # plain torch.fx records the call as one call_function node
+
+
+class TraceableStripeLayer:
+    """Mixin of ``StripeConv2d``: ``forward`` runs :func:`stripe_conv2d` under ``torch.jit.script`` and plain
+    ``torch.fx`` (a ``Proxy`` input), the layer's ``_python_forward`` (backends, choices, caches) otherwise; the
+    eager-mode Python state is hidden from TorchScript. ``active_backend`` / ``num_stripes`` accept assignment
+    (``tp.load_state_dict`` sets every public attribute it saved), ``num_stripes`` only its true value."""
+
+    __jit_ignored_attributes__ = ["choices", "_plans", "_dense_cache", "_selection_cache", "_last_backend"]
+    __jit_unused_properties__ = ["backend", "active_backend", "num_stripes"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._graph_forward(x)
+        return self._eager_or_traced(x)
+
+    @torch.jit.unused
+    def _eager_or_traced(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):  # plain torch.fx traces into the layer (timm's tracers keep it a leaf)
+            return self._graph_forward(x)
+        return self._python_forward(x)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stripe_conv2d(x, self.weight, self.bias, self.stripe_out, self.stripe_pos, self.out_channels,
+                             self.kernel_size, self.stride, self.dilation, self._static_pad, self.same_dynamic,
+                             self.padding_mode)
+
+    @property
+    def active_backend(self) -> str:
+        """The backend the last forward used (the requested one before any forward)."""
+        return getattr(self, "_last_backend", None) or self._backend
+
+    @active_backend.setter
+    def active_backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"active_backend must be one of {BACKENDS}, got {value!r}")
+        self._last_backend = value
+
+    @property
+    def num_stripes(self) -> int:
+        """Number of kept stripes ``S`` (rows of ``weight``; assigning it only checks that it matches)."""
+        return self.weight.shape[0]
+
+    @num_stripes.setter
+    def num_stripes(self, value: int) -> None:
+        if value != self.weight.shape[0]:
+            raise ValueError(f"num_stripes is the number of rows of weight ({self.weight.shape[0]}), got {value}: "
+                             "change the stripes with select_stripes() or StripeConv2d.from_dense()")
