@@ -13,12 +13,13 @@ ALLOWED = {
     "utils": set(),
     "layers": {"utils"},
     "skeleton": {"utils", "layers"},
-    "measure": {"utils", "layers"},
+    "measure": {"utils", "layers", "skeleton"},
     "models": set(),
     "pruning": {"utils", "layers", "skeleton", "measure"},
     "persistence": {"utils", "layers", "deployment"},  # deployment: to rebuild a saved deployed model
     "deployment": {"utils", "layers", "skeleton", "measure", "pruning"},
-    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models", "persistence", "deployment"},
+    "testing": {"utils", "layers", "skeleton", "measure", "pruning", "models", "persistence", "deployment", "interop"},
+    "interop": {"utils", "layers", "skeleton", "pruning"},
     "cli": {"utils", "layers", "measure", "pruning", "persistence", "models"},
     "recipes": {"utils", "layers", "skeleton", "measure", "pruning", "persistence", "models", "deployment"},
 }

@@ -108,13 +108,22 @@ def fold_batchnorms(gm: fx.GraphModule) -> List[Tuple[str, str]]:
             continue
         fold_into(conv, bn)
         folded.append((source.target, node.target))
-        if isinstance(bn, BatchNormAct2d) and not isinstance(bn.act, nn.Identity):
-            node.target = f"{node.target}.act"  # the activation stays
+        if isinstance(bn, BatchNormAct2d) and not isinstance(bn.act, nn.Identity):  # the activation stays, as a
+            node.target = _unused_name(gm, f"{node.target.replace('.', '_')}_act")  # module of its own: the emptied
+            gm.add_submodule(node.target, bn.act)  # BatchNormAct2d goes (it would not script without its drop)
         else:
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
     _finish(gm)
     return folded
+
+
+def _unused_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, k = name, 0
+    while hasattr(gm, candidate):
+        k += 1
+        candidate = f"{name}_{k}"
+    return candidate
 
 
 def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
@@ -144,7 +153,8 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
 
 def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
     """Move ReLUs and residual adds that follow a ``DeployedStripeConv2d`` into its epilogue (in place). Needs
-    shape metadata (``torch.fx.passes.shape_prop.ShapeProp``). Returns what was fused, one line per layer."""
+    shape metadata (``torch.fx.passes.shape_prop.ShapeProp``), and drops it. Returns what was fused, one line per
+    layer."""
     modules, calls, fused = dict(gm.named_modules()), _module_calls(gm), []
     for node in list(gm.graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None
@@ -172,6 +182,8 @@ def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
             parts.append("relu")
         if parts:
             fused.append(f"{node.target}: {' + '.join(parts)}")
+    for node in gm.graph.nodes:  # used up; torch.save cannot pickle it (tp.state_dict copies the graph)
+        node.meta.pop("tensor_meta", None)
     _finish(gm)
     return fused
 

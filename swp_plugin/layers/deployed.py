@@ -131,6 +131,8 @@ class DeployedStripeConv2d(nn.Module):
         return x, left, right, top, bottom
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and residual.dtype != x.dtype:  # autocast: the other branch ran in bf16 / fp16
+            residual = residual.to(x.dtype)
         if not torch.jit.is_scripting():
             self._refuse_training(x)
             if self._pytorch_only(x):
@@ -209,6 +211,11 @@ class DeployedStripeConv2d(nn.Module):
     @property
     def num_stripes(self) -> int:
         return self.weight.shape[0]
+
+    @num_stripes.setter
+    def num_stripes(self, value: int) -> None:  # tp.load_state_dict sets every attribute it saved: check only
+        if value != self.weight.shape[0]:
+            raise ValueError(f"num_stripes is the number of rows of weight ({self.weight.shape[0]}), got {value}")
 
     def to_stripe(self) -> StripeConv2d:
         """The equivalent ``StripeConv2d`` (without the epilogue: act and residual are not part of it)."""

@@ -19,13 +19,15 @@ Backends (same function, exact up to float rounding; all differentiable):
   unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
   ``repr``. :mod:`.config` forces a backend on ``'auto'`` layers (``SWP_STRIPE_BACKEND``, ``set_backend``,
   ``use_backend``).
-  While tracing, exporting or compiling, ``'auto'`` uses the cached choice if it is ``'dense'``, else
-  ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
+  While tracing (``torch.jit.trace``), exporting or compiling, ``'auto'`` uses the cached choice if it is
+  ``'dense'``, else ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
+
+``torch.jit.script`` and plain ``torch.fx`` see the layer's compute as one function (:mod:`.traceable`).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +42,7 @@ from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
 from .layout import same_tensor, scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
+from .traceable import TraceableStripeLayer
 
 #: at most this many input shapes remembered per layer by ``backend='auto'`` (oldest forgotten first)
 MAX_CHOICES = 16
@@ -50,7 +53,7 @@ def _refresh_after_load(module: StripeConv2d, incompatible_keys) -> None:
 
 
 @register_notrace_module  # a leaf for torch.fx (its forward has per-call decisions), like timm's Conv2dSame
-class StripeConv2d(nn.Module):
+class StripeConv2d(TraceableStripeLayer, nn.Module):
     """2-D convolution over kept stripes (stripe-wise pruned ``nn.Conv2d``, groups == 1).
 
     Args:
@@ -183,17 +186,7 @@ class StripeConv2d(nn.Module):
         self._backend = value
         self.choices.clear()
 
-    @property
-    def active_backend(self) -> str:
-        """The backend the last forward used (the requested one before any forward)."""
-        return getattr(self, "_last_backend", None) or self._backend
-
     # ------------------------------------------------------------------ structure
-    @property
-    def num_stripes(self) -> int:
-        """Number of kept stripes ``S``."""
-        return self.weight.shape[0]
-
     def stripe_mask(self) -> torch.Tensor:
         """Kept stripes as a dense bool mask of shape ``(out, kh, kw)``."""
         kh, kw = self.kernel_size
@@ -257,6 +250,8 @@ class StripeConv2d(nn.Module):
         """Recompute the per-position stripe counts (Python ints: the forward loop is static); forget the
         kernel plans, the cached dense kernel and the backend choices (they depend on the structure)."""
         self._position_counts = position_counts(self.stripe_pos, self.kernel_size)
+        self._static_pad: List[int] = [0, 0, 0, 0] if self.same_dynamic else list(
+            static_padding(self.padding, self.kernel_size, self.dilation))
         self._plans: Dict[tuple, cpu_kernel.StripePlan] = {}
         self._dense_cache: Tuple[torch.Tensor, torch.Tensor] | None = None
         self._selection_cache: tuple | None = None
@@ -276,7 +271,7 @@ class StripeConv2d(nn.Module):
             return dynamic_same_padding(tuple(x.shape[-2:]), self.kernel_size, self.stride, self.dilation)
         return static_padding(self.padding, self.kernel_size, self.dilation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _python_forward(self, x: torch.Tensor) -> torch.Tensor:  # forward in eager mode (see TraceableStripeLayer)
         x = standard_layout(x)  # see layout.py: an ambiguous or channels-last input can crash PyTorch's conv
         pad = self._padding_ltrb(x)
         backend = self._resolve_backend(x, pad)
@@ -312,7 +307,7 @@ class StripeConv2d(nn.Module):
         choice = self.choices.get(key)
         if exporting:
             return "dense" if choice == "dense" else "stripe"
-        if choice is None:
+        if choice is None or (choice == "cpp" and not self._cpp_applies(x)):  # (choices copied from elsewhere)
             choice = self._tune(x, pad)
             if len(self.choices) >= MAX_CHOICES:
                 self.choices.pop(next(iter(self.choices)))

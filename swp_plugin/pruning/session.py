@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ..utils.heads import sync_feature_sizes
 from .convert import convert_to_stripes
 from .notes import CLEANUP_SKIPPED, Note
 
@@ -145,6 +146,7 @@ class PruneSession:
             if pruner.verify and (self.deviated or mismatch):
                 self.rehearsal.record(model)  # the user's choice is the new reference of the conversion check
             convert_to_stripes(model, pruner.state.names, pruner.notes.append)
+            sync_feature_sizes(model, pruner.example_inputs)  # timm's num_features after head-feeding channels went
             mismatch = self.rehearsal.mismatch(model) if pruner.verify else None
         finally:
             model.train(was_training)

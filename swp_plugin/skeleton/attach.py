@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
-from .parametrizations import ChannelMask, FilterSkeleton
+from .parametrizations import ChannelMask, FilterSkeleton, copy_with_own_class
 from .standardization import WeightStandardization, unfold_standardization
 
 #: Conv classes left dense, with the reason shown to the user (empty by default; an extension point).
@@ -151,6 +151,7 @@ def attach_skeletons(
         weight = module.weight
         fs = FilterSkeleton(_layout(module)[0](module), device=weight.device, dtype=weight.dtype)
         parametrize.register_parametrization(module, "weight", fs)
+        copy_with_own_class(module)
         skeletons[name] = fs
     return skeletons, skipped
 
@@ -160,6 +161,7 @@ def attach_channel_mask(module: nn.Module, tensor_name: str) -> ChannelMask:
     tensor = getattr(module, tensor_name)
     mask = ChannelMask(tensor.shape[0], device=tensor.device)
     parametrize.register_parametrization(module, tensor_name, mask)
+    copy_with_own_class(module)
     return mask
 
 
@@ -186,6 +188,7 @@ def detach_skeletons(model: nn.Module, merge: bool = True) -> int:
                 for p in chain:
                     if isinstance(p, WeightStandardization):
                         parametrize.register_parametrization(module, tensor_name, p)
+                        copy_with_own_class(module)
             count += 1
     return count
 

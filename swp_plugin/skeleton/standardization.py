@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 
 from ..layers.padding import is_dynamic_same
 from ..utils import swap_module
+from .parametrizations import copy_with_own_class
 
 
 class WeightStandardization(nn.Module):
@@ -96,6 +97,7 @@ def unfold_standardization(model: nn.Module, ignored: Iterable[nn.Module] = ()) 
         seen.add(id(module))
         plain = _plain_conv(module)
         parametrize.register_parametrization(plain, "weight", make(module))
+        copy_with_own_class(plain)
         swap_module(model, module, plain)
         replaced.append((name, type(module).__name__))
     return replaced

@@ -17,6 +17,7 @@ layers producing the outputs ignored, the loss summed and the exactness checked 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -291,14 +292,31 @@ SWEEP = [n for n in MODELS if n not in {"gcresnet33ts", "mobilenetv4_hybrid_medi
                                          "lambda_resnet26t", "hrnet_w18_small", "vovnet39a", "hgnet_tiny"}][:40]
 
 
+@torch.no_grad()
+def float32_rounding(name: str, size: int) -> float:
+    """``max|diff| / max|y|`` of the unpruned model's float32 logits against its float64 ones (after the sweep's
+    BatchNorm calibration): the float32 error the network has anyway."""
+    model, x = make_model(name, size)
+    calibrate_bn(model, x)
+    return rel_err(model(x).double(), copy.deepcopy(model).double()(x.double()))
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(SWEEP), help="comma-separated timm names (default: 40)")
     parser.add_argument("--repeat", type=int, default=1, help="run the whole list this many times")
     parser.add_argument("--size", type=int, default=64, help="input size (default 64)")
     parser.add_argument("--json", help="write the records here")
+    parser.add_argument("--float64", action="store_true", help="run the models in float64 (rounding or defect?)")
+    parser.add_argument("--rounding", action="store_true", help="only print each unpruned model's float32 error")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
+    if args.rounding:
+        for name in names:
+            print(f"{name}: unpruned float32 vs float64 {float32_rounding(name, SIZES.get(name, args.size)):.1e}")
+        return 0
+    if args.float64:
+        FLOAT64.update(names)
     records, bad = [], 0
     start = time.time()
     for round_ in range(args.repeat):
