@@ -41,7 +41,8 @@ class DeployedStripeConv2d(nn.Module):
     Shapes: ``x`` ``(N, C_in, H, W)``, ``residual`` ``(N, out, H_out, W_out)`` or ``None`` ->
     ``(N, out, H_out, W_out)``. Parameters (``requires_grad=False``): ``weight`` ``(S, C_in)`` (stripes sorted by
     kernel position, then output channel, as in ``StripeConv2d``), ``bias`` ``(out,)``; buffers: ``stripe_out``,
-    ``stripe_pos``, and the kernel plan ``rows``, ``phase_info``, ``ptr``, ``entries``.
+    ``stripe_pos`` and, derived from them and the weights by :meth:`derive` (not saved), the kernel plan
+    ``panels``, ``phases`` and the packed weights ``packed`` ``(panels, C_in, 6)``.
     """
 
     def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
@@ -66,18 +67,37 @@ class DeployedStripeConv2d(nn.Module):
                                  requires_grad=False)
         self.register_buffer("stripe_out", layer.stripe_out.clone())
         self.register_buffer("stripe_pos", layer.stripe_pos.clone())
-        top, left = (pad[2], pad[0]) if self.kernel_pads else (0, 0)
-        plan = cpu_kernel.make_plan(layer.stripe_out, layer.stripe_pos, self.out_channels, self.kernel_size,
-                                    self.stride, self.dilation, top, left)
-        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
-        self.register_buffer("rows", plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long))
-        self.register_buffer("phase_info", plan.phase_info)
-        self.register_buffer("ptr", plan.ptr)
-        self.register_buffer("entries", plan.entries)
-        self.tile = cpu_kernel.tile_pixels(weight.shape[0], weight.shape[1])
-        self.counts = position_counts(layer.stripe_pos, layer.kernel_size)
         self.onnx_form = "dense"
         self._export_constant: torch.Tensor | None = None
+        self.derive()
+
+    def derive(self) -> None:
+        """Derive everything the kernel reads from ``weight``, ``stripe_out``, ``stripe_pos`` and the
+        hyperparameters: the plan (``panels``, ``phases``) and the packed weights ``packed`` (non-persistent
+        buffers: files hold the plain stripe weights and indexes). Runs at construction and after every
+        ``load_state_dict``; the eager forward re-derives when ``weight`` was written in place (its version
+        changed). After a write through ``weight.data`` (which no version shows), call it yourself."""
+        num, positions = self.weight.shape[0], self.kernel_size[0] * self.kernel_size[1]
+        if self.stripe_out.shape != (num,) or self.stripe_pos.shape != (num,):
+            raise ValueError(f"DeployedStripeConv2d: stripe_out {tuple(self.stripe_out.shape)} and stripe_pos "
+                             f"{tuple(self.stripe_pos.shape)} must both be ({num},), one per weight row")
+        if num and (int(self.stripe_out.min()) < 0 or int(self.stripe_out.max()) >= self.out_channels
+                    or int(self.stripe_pos.min()) < 0 or int(self.stripe_pos.max()) >= positions):
+            raise ValueError(f"DeployedStripeConv2d: stripe indexes out of range (stripe_out in [0, "
+                             f"{self.out_channels}), stripe_pos in [0, {positions}))")
+        top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
+        plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
+                                    self.stride, self.dilation, top, left)
+        self.register_buffer("panels", plan.panels, persistent=False)
+        self.register_buffer("phases", plan.phases, persistent=False)
+        self.register_buffer("packed", cpu_kernel.pack(self.weight, plan), persistent=False)
+        self.tile = cpu_kernel.tile_pixels(self.in_channels, self.out_channels)
+        self.counts = position_counts(self.stripe_pos, self.kernel_size)
+        self._derived_version = self.weight._version
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.derive()
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:
@@ -107,15 +127,16 @@ class DeployedStripeConv2d(nn.Module):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
         out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-        rows = self.rows if self.reorder else None
-        return torch.ops.swp_stripe.forward(x, self.weight, rows, self.phase_info, self.ptr, self.entries, self.bias,
-                                            residual, out_h, out_w, sh, sw, self.tile, self.act_code)
+        return torch.ops.swp_stripe.forward(x, self.packed, self.panels, self.phases, self.bias, residual,
+                                            self.out_channels, out_h, out_w, sh, sw, self.tile, self.act_code)
 
     @torch.jit.unused
     def _pytorch_only(self, x: torch.Tensor) -> bool:
         if torch.onnx.is_in_onnx_export():
             return True
         if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available():
+            if self.weight._version != self._derived_version or self.packed.dtype != torch.float32:
+                self.derive()  # written in place, or converted: pack again
             return False
         if not _warned[0]:
             _warned[0] = True
