@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
@@ -71,8 +73,27 @@ def one_node_onnx(conv: nn.Conv2d, weight: torch.Tensor, path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
+def cpu_times(runs: Dict[str, Callable[[], object]], budget: float, stat: str) -> Dict[str, float]:
+    """CPU time of the process per call (``time.process_time``), alternating blocks of 5 calls: on a loaded
+    machine the time a call waits for a core does not count. Only meaningful with one thread (spinning pool
+    threads count as CPU time)."""
+    times: Dict[str, List[float]] = {name: [] for name in runs}
+    for f in runs.values():
+        f()
+        f()
+    start = time.perf_counter()
+    while time.perf_counter() - start < 2 * budget or min(len(v) for v in times.values()) < 10:
+        for name, f in runs.items():
+            for _ in range(5):
+                t0 = time.process_time()
+                f()
+                times[name].append(time.process_time() - t0)
+    reduce = min if stat == "min" else statistics.median
+    return {name: reduce(v) for name, v in times.items()}
+
+
 def measure(entry: Dict, keep: float, batch: int, threads: int, budget: float, folder: Path, seed: int,
-            stat: str = "median") -> Dict:
+            stat: str = "median", clock: str = "wall") -> Dict:
     conv, (c, h, w) = entry["conv"], entry["input"]
     gen = torch.Generator().manual_seed(seed)
     out, _, kh, kw = conv.weight.shape
@@ -91,8 +112,11 @@ def measure(entry: Dict, keep: float, batch: int, threads: int, budget: float, f
     with torch.no_grad():
         y = layer(x)
         err = float((y - torch.from_numpy(session.run(None, {"x": x.numpy()})[0])).abs().max())
-        times = side_by_side({"ort": ort_runner(session, [x]), "kernel": lambda: layer(x)}, rounds=50, warmup=2,
-                             budget_s=budget, block=5, settle_s=0.05, stat=stat)
+        runs = {"ort": ort_runner(session, [x]), "kernel": lambda: layer(x)}
+        if clock == "cpu":
+            times = cpu_times(runs, budget, stat)
+        else:
+            times = side_by_side(runs, rounds=50, warmup=2, budget_s=budget, block=5, settle_s=0.05, stat=stat)
     out_h, out_w = y.shape[2:]
     dense_macs = batch * out * c * kh * kw * out_h * out_w
     kept_macs = batch * int(mask.sum()) * c * out_h * out_w
@@ -112,8 +136,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=1.0, help="timed seconds per layer and configuration")
     parser.add_argument("--stat", default="median", choices=("median", "min"),
                         help="of the timed calls (min: the least disturbed call, on a loaded machine)")
+    parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                        help="cpu: the process's CPU time per call (a loaded machine; --threads 1 only)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "kernel_layers.json"))
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1")
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +154,8 @@ def main() -> None:
                           f"{'kern GMAC/s':>11} {'of ideal':>8}")
                     tot = {"ort": 0.0, "kernel": 0.0, "ideal": 0.0}
                     for i, entry in enumerate(convs):
-                        row = measure(entry, keep, batch, args.threads, args.budget, Path(tmp), seed=i, stat=args.stat)
+                        row = measure(entry, keep, batch, args.threads, args.budget, Path(tmp), seed=i, stat=args.stat,
+                                      clock=args.clock)
                         row["net"] = net
                         rows.append(row)
                         count = len(row["layers"])
@@ -140,7 +169,7 @@ def main() -> None:
                     print(f"{'all convs (sum over layers)':63} {tot['ort']:8.3f} {tot['kernel']:8.3f} "
                           f"{'':22} {tot['ideal'] / tot['kernel']:8.0%}")
     meta = {"machine": platform.machine(), "torch": torch.__version__, "threads": args.threads, "stat": args.stat,
-            "cpp_kernel": cpu_kernel.available()}
+            "clock": args.clock, "cpp_kernel": cpu_kernel.available()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

@@ -257,3 +257,20 @@ def test_saved_deployed_file_with_edited_stripe_indexes_is_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="stripe indexes out of range"):
         swp_plugin.load(tmp_path / "bad.pt", net())
+
+
+@needs_cpp
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 2)])
+def test_kernel_blocks_of_many_input_channels(kernel, stride):
+    """More than 384 input channels run in blocks of input channels (each block's input tile stays in cache)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(700, 24, kernel, stride, kernel // 2)
+    mask = torch.rand(24, kernel, kernel) < 0.5
+    mask[:, 0, 0] = True
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    x = torch.randn(2, 700, 9, 11)
+    res = torch.randn(conv(x).shape)
+    layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act="relu", residual=True)
+    with torch.no_grad():
+        assert rel_err(torch.relu(conv(x) + res), layer(x, res)) < 1e-5

@@ -85,13 +85,15 @@ struct Layer {  // everything an item needs, read-only
   float* out;
   int64_t N, C, O, out_h, out_w, act;
   int64_t x_size;
+  int64_t kc;              // input channels per block (the block's input tile stays in the L2 cache)
 };
 
 struct Item {
   int64_t n0, nb, q0, q1, c0, c1;  // images [n0, n0 + nb), output pixels [q0, q1) of each, channels [c0, c1)
 };
 
-using Kernel = void (*)(const float* w, int64_t C, int64_t ldx, const Tap* taps, float* out, const int64_t* orow);
+using Kernel = void (*)(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out,
+                       const int64_t* orow);
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256i lane_mask(uint32_t bits) {
@@ -100,10 +102,11 @@ inline __m256i lane_mask(uint32_t bits) {
 }
 #endif
 
-// out[orow[r] + taps[v].obase + i] += sum_c w[c * MR + r] * taps[v].in[c * ldx + i] for the taps' lanes;
+// out[orow[r] + taps[v].obase + i] += sum_c w[c * MR + r] * taps[v].in[(c0 + c) * ldx + i] for the taps' lanes,
+// c < C (a block of the input channels);
 // Masked: some tap reads fewer than all lanes
 template <int R, int V, bool Masked>
-void micro(const float* w, int64_t C, int64_t ldx, const Tap* taps, float* out, const int64_t* orow) {
+void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out, const int64_t* orow) {
   if constexpr (V <= vmax(R)) {
 #if defined(__AVX2__) && defined(__FMA__)
     // every index into acc is a compile-time constant (unrolled loops): it stays in registers
@@ -116,7 +119,7 @@ void micro(const float* w, int64_t C, int64_t ldx, const Tap* taps, float* out, 
     __m256i m[V];
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
-      b[v] = taps[v].in;
+      b[v] = taps[v].in + c0 * ldx;
       if constexpr (Masked) m[v] = lane_mask(taps[v].load);
     }
     for (int64_t c = 0, off = 0; c < C; ++c, off += ldx) {
@@ -156,7 +159,7 @@ void micro(const float* w, int64_t C, int64_t ldx, const Tap* taps, float* out, 
     for (int64_t c = 0, off = 0; c < C; ++c, off += ldx) {
       float bv[V * W];
       for (int v = 0; v < V; ++v)
-        for (int i = 0; i < W; ++i) bv[v * W + i] = (taps[v].load >> i) & 1u ? taps[v].in[off + i] : 0.f;
+        for (int i = 0; i < W; ++i) bv[v * W + i] = (taps[v].load >> i) & 1u ? taps[v].in[c0 * ldx + off + i] : 0.f;
       const float* wc = w + c * MR;
       for (int r = 0; r < R; ++r) {
         const float a = wc[r];
@@ -248,8 +251,10 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
       }
     }
   make_vectors(it, L, flat, wk.vecs);
-  int64_t key_phase = -1, key_qy = 0, key_qx = 0;
   int64_t orow[MR];
+  for (int64_t k0 = 0; k0 < C; k0 += L.kc) {
+  const int64_t kc = std::min(L.kc, C - k0);
+  int64_t key_phase = -1, key_qy = 0, key_qx = 0;
   for (int64_t p = 0; p < L.num_panels; ++p) {
     const int64_t* pr = L.panels + p * (kHead + MR);
     const int64_t rows = pr[3];
@@ -264,13 +269,21 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
       key_phase = pr[0], key_qy = qy, key_qx = qx;
       wk.taps.clear();
       for (const Vec& v : wk.vecs) {
-        const uint32_t load = load_lanes(v, qy, qx, ph.hph, ph.wph);
-        if (!load) continue;
+        const uint32_t valid = load_lanes(v, qy, qx, ph.hph, ph.wph);
+        if (!valid) continue;
+        uint32_t load = valid;
         const float* in = L.x + v.n * L.img_stride + ph.offset + (v.y0 + qy) * ph.wph + v.x0 + qx;
+        // every written lane valid and the whole vector inside the buffer: read it unmasked (the lanes not
+        // written only feed accumulators that are never stored; masked loads are slow, at page ends above all)
+        const int64_t at = (in - L.x);
+        if (load == v.lanes && at >= 0 && at + (C - 1) * ldx + W <= L.x_size) load = kAll;
 #if defined(SWP_CHECKED)
-        const int64_t first = __builtin_ctz(load), last = 31 - __builtin_clz(load);
-        SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
-        SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x + v.n * L.img_stride + ph.offset, C * ldx);
+        {  // every lane read inside the buffer; the valid ones inside their image's phase plane
+          const int64_t first = __builtin_ctz(load), last = 31 - __builtin_clz(load);
+          SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
+          const int64_t vfirst = __builtin_ctz(valid), vlast = 31 - __builtin_clz(valid);
+          SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + ph.offset, C * ldx);
+        }
 #endif
         wk.taps.push_back({in, v.n * O * Q + v.out_off, load, v.lanes});
       }
@@ -278,8 +291,8 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
     if (wk.taps.empty()) continue;
     const int R = static_cast<int>(r1 - r0);
     for (int64_t r = r0; r < r1; ++r) orow[r - r0] = outs[r] * Q;
-    const float* w = L.packed + p * C * MR + r0;
-    SWP_RANGE(w, (C - 1) * MR + R, L.packed, L.num_panels * C * MR);
+    const float* w = L.packed + p * C * MR + k0 * MR + r0;
+    SWP_RANGE(w, (kc - 1) * MR + R, L.packed, L.num_panels * C * MR);
 #if defined(SWP_CHECKED)
     for (const Tap& t : wk.taps) {
       const int64_t first = __builtin_ctz(t.store), last = 31 - __builtin_clz(t.store);
@@ -293,8 +306,9 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
       const Tap* tp = wk.taps.data() + t;
       bool full = true;
       for (int64_t v = 0; v < nv; ++v) full = full && tp[v].load == kAll;
-      (full ? kFull.k[R][nv] : kMasked.k[R][nv])(w, C, ldx, tp, L.out, orow);
+      (full ? kFull.k[R][nv] : kMasked.k[R][nv])(w, kc, ldx, k0, tp, L.out, orow);
     }
+  }
   }
   if (L.act == kRelu)
     for (int64_t n = it.n0; n < it.n0 + it.nb; ++n)
@@ -532,11 +546,12 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
     phases.push_back(ph);
   }
   const int64_t threads = at::get_num_threads();
+  const int64_t kblocks = C > 384 ? (C + 255) / 256 : 1, kc = (C + kblocks - 1) / kblocks;
   if (C <= kFew) {
     const Layer L{nullptr, 0, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                   bias.defined() ? bias.data_ptr<float>() : nullptr,
                   residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                  out_w, act, 0};
+                  out_w, act, 0, C};
     run_few(x.data_ptr<float>(), N, C, H, Win, sh, sw, phases, L, x);
     return out;
   }
@@ -566,7 +581,7 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
   const Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                 bias.defined() ? bias.data_ptr<float>() : nullptr,
                 residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                out_w, act, split.defined() ? split.numel() : x.numel()};
+                out_w, act, split.defined() ? split.numel() : x.numel(), kc};
 
   // items: whole images (several when small) or pixel tiles of one image, enough for every thread
   const int64_t Q = out_h * out_w;
