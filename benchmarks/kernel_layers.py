@@ -10,7 +10,8 @@ the kernel of the kept MACs) and the share of the ideal, ``ORT time x kept/dense
     python benchmarks/kernel_layers.py                       # resnet18,resnet50; 20%,50%; batch 1,8; 2 threads
     python benchmarks/kernel_layers.py --nets resnet18 --keep 0.2 --batches 1 --budget 0.5
 
-Writes ``benchmarks/results/kernel_layers.json`` (``--json`` to change).
+Writes ``benchmarks/results/kernel_layers.json`` (``--json`` to change) and prints markdown tables (cells: share
+of the ideal, then kernel GMAC/s of kept MACs vs ORT GMAC/s of dense MACs); ``--from-json`` re-prints them.
 """
 
 from __future__ import annotations
@@ -127,6 +128,33 @@ def measure(entry: Dict, keep: float, batch: int, threads: int, budget: float, f
             "kernel_gmacs": kept_macs / times["kernel"] / 1e9, "of_ideal": ideal / times["kernel"], "max_err": err}
 
 
+def markdown(rows: List[Dict]) -> str:
+    """Per net: every distinct conv's share of the ideal in each configuration, and the sums over all layers."""
+    configs = sorted({(r["keep"], r["batch"]) for r in rows}, key=lambda c: (c[1], c[0]))
+    names = " | ".join(f"{k:.0%} kept, batch {b}" for k, b in configs)
+    out = []
+    for net in dict.fromkeys(r["net"] for r in rows):
+        mine = [r for r in rows if r["net"] == net]
+        out += [f"### {net}, share of the ideal (ORT dense time x kept/dense MACs / kernel time)", "",
+                f"| layer (x layers like it) | conv | {names} |", "| --- | --- |" + " --- |" * len(configs)]
+        for shape in dict.fromkeys(r["shape"] for r in mine):
+            cells = []
+            for keep, batch in configs:
+                r = next((r for r in mine if r["shape"] == shape and (r["keep"], r["batch"]) == (keep, batch)), None)
+                cells.append("" if r is None else
+                             f"{r['of_ideal']:.0%} ({r['kernel_gmacs']:.0f} vs {r['ort_gmacs']:.0f})")
+            first = next(r for r in mine if r["shape"] == shape)
+            out.append(f"| {first['layers'][0]} (x{len(first['layers'])}) | {shape} | " + " | ".join(cells) + " |")
+        sums = []
+        for keep, batch in configs:
+            sel = [r for r in mine if (r["keep"], r["batch"]) == (keep, batch)]
+            ideal = sum(len(r["layers"]) * r["ort_ms"] * r["kept_macs"] / r["dense_macs"] for r in sel)
+            kernel = sum(len(r["layers"]) * r["kernel_ms"] for r in sel)
+            sums.append(f"**{ideal / kernel:.0%}**" if kernel else "")
+        out += ["| all convs (sum over layers) | | " + " | ".join(sums) + " |", ""]
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default="resnet18,resnet50")
@@ -139,7 +167,11 @@ def main() -> None:
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"),
                         help="cpu: the process's CPU time per call (a loaded machine; --threads 1 only)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "kernel_layers.json"))
+    parser.add_argument("--from-json", help="only print the markdown tables of a saved run")
     args = parser.parse_args()
+    if args.from_json:
+        print(markdown(json.loads(Path(args.from_json).read_text())["rows"]))
+        return
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1")
     torch.set_num_threads(args.threads)
@@ -172,6 +204,7 @@ def main() -> None:
             "clock": args.clock, "cpp_kernel": cpu_kernel.available()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print("\n" + markdown(rows))
 
 
 if __name__ == "__main__":
