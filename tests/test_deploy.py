@@ -166,7 +166,7 @@ def test_deployed_layer_falls_back_to_pytorch_where_the_kernel_cannot_run(monkey
 @needs_cpp
 @pytest.mark.parametrize("size, batch", [((3, 3), 16), ((4, 5), 9), ((8, 8), 64), ((1, 1), 8), ((7, 9), 12)])
 def test_kernel_small_image_batch_path_with_epilogue(size, batch):
-    """Small images in batches of 8 or more run batch-minor in the kernel; bias, residual and ReLU there too."""
+    """Small images in batches (several images per work item of the kernel); bias, residual and ReLU there too."""
     torch.manual_seed(0)
     conv = nn.Conv2d(24, 20, 3, padding=1)
     mask = torch.rand(20, 3, 3) < 0.5
@@ -194,3 +194,83 @@ def test_to_stripe_gives_back_the_layer(padding, stride, mode):
     with torch.no_grad():
         assert torch.allclose(back(x), layer(x), atol=1e-6)
     assert torch.equal(back.stripe_out, layer.stripe_out) and torch.equal(back.stripe_pos, layer.stripe_pos)
+
+
+@needs_cpp
+@pytest.mark.parametrize("cin, kernel, stride, padding, dilation, size", [
+    (3, 7, 2, 3, 1, (29, 31)), (8, 3, 1, 1, 1, (9, 40)), (1, 5, (1, 2), 0, 2, (17, 13)), (5, 3, 3, 2, 1, (8, 8))])
+def test_kernel_few_input_channels_path_with_epilogue(cin, kernel, stride, padding, dilation, size):
+    """Layers with few input channels (the stem) sum each output channel's stripes in registers over padded
+    phase images: same function, epilogue included."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, 19, kernel, stride, padding, dilation)
+    mask = torch.rand(19, kernel, kernel) < 0.3
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    x = torch.randn(3, cin, *size)
+    res = torch.randn(conv(x).shape)
+    for act, residual in (("none", False), ("relu", True)):
+        layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act=act, residual=residual)
+        with torch.no_grad():
+            want = conv(x) + (res if residual else 0)
+            want = torch.relu(want) if act == "relu" else want
+            assert rel_err(want, layer(x, res if residual else None)) < 1e-5
+
+
+@needs_cpp
+def test_packed_weights_follow_writes_and_loads_and_are_not_saved():
+    """The packed weights are derived (derive()): re-derived after load_state_dict and after an in-place write
+    of the weights; state_dict holds the plain stripe weights and indexes only."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    mask = torch.rand(10, 3, 3) < 0.5
+    layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask))
+    assert set(layer.state_dict()) == {"weight", "bias", "stripe_out", "stripe_pos"}
+    x = torch.randn(2, 6, 12, 12)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)
+        assert rel_err(2 * before - layer.bias[:, None, None], layer(x)) < 1e-5
+        other = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask))
+        other.load_state_dict(layer.state_dict())
+        assert torch.equal(other.packed, layer.packed) and rel_err(layer(x), other(x)) < 1e-6
+
+
+@needs_cpp
+def test_saved_deployed_file_with_edited_stripe_indexes_is_refused(tmp_path):
+    """Issue 21: a deployed file's plan was loaded and trusted by the kernel (an edited `ptr` crashed the
+    process). Plans are not in the file any more; edited stripe indexes are refused when the plan is derived."""
+    import swp_plugin
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+
+    x = torch.randn(1, 3, 16, 16)
+    model = net().eval()
+    swp_plugin.save(deploy(model, x, choices={"0": "kernel"}), tmp_path / "dep.pt")
+    checkpoint = torch.load(tmp_path / "dep.pt", weights_only=True)
+    assert not any(k.endswith((".ptr", ".entries", ".phase_info", ".panels", ".packed")) for k in
+                   checkpoint["state_dict"])
+    with torch.no_grad():
+        assert rel_err(model(x), swp_plugin.load(tmp_path / "dep.pt", net())(x)) < 1e-5
+    checkpoint["state_dict"]["0.stripe_out"][0] = 10 ** 9
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="stripe indexes out of range"):
+        swp_plugin.load(tmp_path / "bad.pt", net())
+
+
+@needs_cpp
+@pytest.mark.parametrize("kernel, stride", [(1, 1), (3, 2)])
+def test_kernel_blocks_of_many_input_channels(kernel, stride):
+    """More than 384 input channels run in blocks of input channels (each block's input tile stays in cache)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(700, 24, kernel, stride, kernel // 2)
+    mask = torch.rand(24, kernel, kernel) < 0.5
+    mask[:, 0, 0] = True
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    x = torch.randn(2, 700, 9, 11)
+    res = torch.randn(conv(x).shape)
+    layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act="relu", residual=True)
+    with torch.no_grad():
+        assert rel_err(torch.relu(conv(x) + res), layer(x, res)) < 1e-5

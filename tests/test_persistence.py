@@ -179,13 +179,9 @@ def test_a_kernel_plan_is_never_read_from_a_file(tmp_path):
         def edit(ck):
             ck["format"] = "swp_plugin/1"
             del ck["digest"]
-            for name in ("rows", "phase_info", "ptr", "entries"):
-                ck["state_dict"][f"0.{name}"] = getattr(layer, name).clone()
-            plan = ck["state_dict"][f"0.{field}"]
-            if plan.numel() == 0:
-                ck["state_dict"][f"0.{field}"] = torch.tensor([value])
-            else:
-                plan.view(-1)[min(1, plan.numel() - 1)] = value
+            for name in ("rows", "phase_info", "ptr", "entries"):  # the plan buffers format 1 stored
+                ck["state_dict"][f"0.{name}"] = torch.zeros(layer.out_channels + 1, dtype=torch.long)
+            ck["state_dict"][f"0.{field}"].view(-1)[1] = value
         return edit
 
     bad = [_edited(tmp_path / "dep.pt", tmp_path / f"bad{i}.pt", old_format_with_bad_plan(*edit))

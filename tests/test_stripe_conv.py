@@ -227,6 +227,53 @@ def test_cpp_kernel_thread_counts_and_bias_free_single_tile(threads):
         torch.set_num_threads(previous)
 
 
+@needs_cpp
+@pytest.mark.parametrize("cin", [3, 12])  # the few-input-channel path and the panel path
+def test_kernel_refuses_malformed_plans(cin):
+    """The kernel checks its plan at every call: a malformed plan raises, it never reads or writes out of bounds
+    (issue 21: an edited plan crashed the process)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, 10, 3, stride=2, padding=1)
+    mask = torch.rand(10, 3, 3) < 0.5
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    layer = StripeConv2d.from_dense(conv, mask)
+    plan = cpu_kernel.make_plan(layer.stripe_out, layer.stripe_pos, 10, (3, 3), (2, 2), (1, 1), 1, 1)
+    packed = cpu_kernel.pack(layer.weight, plan)
+    x = torch.randn(2, cin, 13, 11)
+
+    def run(packed=packed, panels=plan.panels, phases=plan.phases, out_channels=10):
+        return torch.ops.swp_stripe.forward(x, packed, panels, phases, conv.bias.detach(), None, out_channels, 7, 6, 2,
+                                            2, 256, 0)
+
+    with torch.no_grad():
+        torch.testing.assert_close(run(), conv(x), rtol=1e-4, atol=1e-4)
+    head = 4  # phase, qy, qx, rows; then the rows' output channels
+    bad = []
+    for col, value in ((0, -1), (0, 99), (3, 0), (3, cpu_kernel.PANEL_ROWS + 1), (head, -5), (head, 10),
+                       (head, 10 ** 9), (1, 10 ** 12), (2, -(10 ** 12))):
+        panels = plan.panels.clone()
+        panels[0, col] = value
+        bad.append({"panels": panels})
+    unsorted = plan.panels.clone()
+    row = int((unsorted[:, 3] >= 2).nonzero()[0])
+    unsorted[row, head], unsorted[row, head + 1] = 9, 0
+    bad.append({"panels": unsorted})
+    phases = plan.phases.clone()
+    phases[0, 0] = 2  # outside the stride
+    bad += [{"phases": phases}, {"phases": torch.zeros(5, 2, dtype=torch.long)}, {"packed": packed[:, :-1]},
+            {"packed": packed[1:]}, {"panels": plan.panels[:, :5]}, {"panels": plan.panels.int()},
+            {"out_channels": 3}]
+    for kwargs in bad:
+        with pytest.raises(RuntimeError, match="swp_stripe|int64|plan"):
+            run(**kwargs)
+    # a shift far outside the image is in range for the kernel: it adds nothing
+    far = plan.panels.clone()
+    far[:, 1] = 10 ** 6
+    with torch.no_grad():
+        torch.testing.assert_close(run(panels=far), conv.bias[None, :, None, None].expand(2, 10, 7, 6))
+
+
 def test_cpp_falls_back_to_pytorch_when_the_kernel_is_disabled():
     conv, mask = _masked_conv(CASES[1])
     layer = StripeConv2d.from_dense(conv, mask, backend="cpp")

@@ -44,9 +44,9 @@ class DeployedStripeConv2d(nn.Module):
     Shapes: ``x`` ``(N, C_in, H, W)``, ``residual`` ``(N, out, H_out, W_out)`` or ``None`` ->
     ``(N, out, H_out, W_out)``. Parameters (``requires_grad=False``): ``weight`` ``(S, C_in)`` (stripes sorted by
     kernel position, then output channel, as in ``StripeConv2d``), ``bias`` ``(out,)``; buffers: ``stripe_out``,
-    ``stripe_pos``, and the kernel plan ``rows``, ``phase_info``, ``ptr``, ``entries`` (derived from the stripe
-    indexes, which are checked first; not in the state dict). Inference only: a forward that would need gradients
-    raises.
+    ``stripe_pos`` (checked before anything uses them) and, derived from them and the weights by :meth:`derive`
+    (not saved: a plan is never read from a file), the kernel plan ``panels``, ``phases`` and the packed weights
+    ``packed`` ``(panels, C_in, 6)``. Inference only: a forward that would need gradients raises.
     """
 
     def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
@@ -73,24 +73,25 @@ class DeployedStripeConv2d(nn.Module):
         self.register_buffer("stripe_pos", layer.stripe_pos.clone())
         self.onnx_form = "dense"
         self._export_constant: torch.Tensor | None = None
-        self._derive_plan()
+        self.derive()
 
-    def _derive_plan(self) -> None:
-        """The kernel plan from the stripe indexes (checked first): buffers ``rows``, ``phase_info``, ``ptr``,
-        ``entries``, not part of the state dict - a plan is never read from a file, always derived here."""
+    def derive(self) -> None:
+        """Derive everything the kernel reads from ``weight``, ``stripe_out``, ``stripe_pos`` and the
+        hyperparameters: the plan (``panels``, ``phases``) and the packed weights ``packed`` (non-persistent
+        buffers: files hold the plain stripe weights and indexes). Runs at construction and after every
+        ``load_state_dict``; the eager forward re-derives when ``weight`` was written in place (its version
+        changed). After a write through ``weight.data`` (which no version shows), call it yourself."""
         check_stripes(self.stripe_out, self.stripe_pos, self.weight.shape[0], self.out_channels, self.kernel_size)
         top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
         plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
                                     self.stride, self.dilation, top, left)
-        device = self.stripe_out.device
-        self.reorder = plan.perm is not None  # stripes read in another order than stored (strided convs)
-        rows = plan.perm if plan.perm is not None else torch.zeros(0, dtype=torch.long)
-        for name, value in (("rows", rows), ("phase_info", plan.phase_info), ("ptr", plan.ptr),
-                            ("entries", plan.entries)):
-            self.register_buffer(name, value.to(device), persistent=False)
-        self.tile = cpu_kernel.tile_pixels(self.weight.shape[0], self.weight.shape[1])
+        self.register_buffer("panels", plan.panels, persistent=False)
+        self.register_buffer("phases", plan.phases, persistent=False)
+        self.register_buffer("packed", cpu_kernel.pack(self.weight, plan), persistent=False)
+        self.tile = cpu_kernel.tile_pixels(self.in_channels, self.out_channels)
         self.counts = position_counts(self.stripe_pos, self.kernel_size)
         self._export_constant = None
+        self._derived_version = self.weight._version
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -108,7 +109,7 @@ class DeployedStripeConv2d(nn.Module):
                                       error_msgs)
         unexpected_keys[:] = [k for k in unexpected_keys if k not in {prefix + n for n in PLAN_BUFFERS}]
         if not error_msgs:
-            self._derive_plan()
+            self.derive()
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> DeployedStripeConv2d:
@@ -141,9 +142,8 @@ class DeployedStripeConv2d(nn.Module):
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         out_h = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
         out_w = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-        rows = self.rows if self.reorder else None
-        return torch.ops.swp_stripe.forward(x, self.weight, rows, self.phase_info, self.ptr, self.entries, self.bias,
-                                            residual, out_h, out_w, sh, sw, self.tile, self.act_code)
+        return torch.ops.swp_stripe.forward(x, self.packed, self.panels, self.phases, self.bias, residual,
+                                            self.out_channels, out_h, out_w, sh, sw, self.tile, self.act_code)
 
     @torch.jit.unused
     def _refuse_training(self, x: torch.Tensor) -> None:
@@ -159,6 +159,8 @@ class DeployedStripeConv2d(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return True
         if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available():
+            if self.weight._version != self._derived_version or self.packed.dtype != torch.float32:
+                self.derive()  # written in place, or converted: pack again
             return False
         if not _warned[0]:
             _warned[0] = True

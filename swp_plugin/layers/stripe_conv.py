@@ -350,7 +350,7 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
             self._plans[(top, left)] = plan
         dense_index = self.stripe_out * (kh * kw) + self.stripe_pos
         return cpu_kernel.stripe_conv_cpu(x.contiguous(), self.weight, self.bias, plan, (out_h, out_w), self.stride,
-                                          self.dilation, pad, dense_index, self.kernel_size)
+                                          self.dilation, pad, dense_index, self.kernel_size, self.out_channels)
 
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pure PyTorch on the padded input (:func:`.functional.stripe_conv_pytorch`)."""

@@ -1,15 +1,16 @@
 """The compiled CPU stripe kernel (``stripe_cpu.cpp``): availability, stripe plan, autograd wrapper.
 
-The kernel computes, per cache-sized tile of the output and per stride phase, one GEMM of all the phase's
-stripes with the (unshifted) input rows, then the shifted sum of each output channel's stripe rows
-(output-side shift-add, see ``stripe_cpu.cpp``), with bias, an optional residual and ReLU in the epilogue.
+The kernel is an implicit GEMM over the shifted input: the stripes are grouped by kernel position into weight
+panels (:func:`make_plan`, :func:`pack`), and each panel's 1x1 products over the input shifted by its position
+are added straight into the output channels, with bias, an optional residual and ReLU in the epilogue (see
+``stripe_cpu.cpp``). The kernel checks the plan at every call: a malformed one raises.
 It is built at first use (:mod:`.build`: a child process with a time limit, a lock that dies with its owner);
 when there is no compiler or the build fails or times out, :func:`available` is False (one warning) and
 ``StripeConv2d`` uses its pure-PyTorch paths. ``SWP_DISABLE_CPP=1`` (or :func:`set_enabled`) forces that.
 
 Float32 on CPU only. Backward (for training through the kernel) is the dense convolution's backward with
-the pruned stripes as zeros, gathered back to the kept stripes. Nothing derived from the weights is cached:
-the kernel reads the stripe weights as they are at each call.
+the pruned stripes as zeros, gathered back to the kept stripes. Here nothing derived from the weights is cached:
+:func:`stripe_conv_cpu` packs the stripe weights at each call (the deployed layer packs them once).
 """
 
 from __future__ import annotations
@@ -63,25 +64,31 @@ def available() -> bool:
     return bool(_state["loaded"])
 
 
-def _fake_forward(x, weight, rows, phase_info, ptr, entries, bias, residual, out_h, out_w, sh, sw, tile, act):
+def _fake_forward(x, packed, panels, phases, bias, residual, out_channels, out_h, out_w, sh, sw, tile, act):
     """Shape of the op's output, for ``torch.compile`` / ``torch.export`` (fake tensors)."""
-    return x.new_empty((x.shape[0], ptr.shape[0] - 1, out_h, out_w))
+    return x.new_empty((x.shape[0], out_channels, out_h, out_w))
+
+
+#: stripes (rows) of one weight panel of the kernel (``MR`` in ``stripe_cpu.cpp``)
+PANEL_ROWS = 6
+#: a panel's plan row: phase, row shift, column shift, rows, then ``PANEL_ROWS`` output channels
+_HEAD = 4
 
 
 @dataclass
 class StripePlan:
     """Index layout of one layer for the kernel, for a given top/left zero padding (structure only).
 
-    ``perm``: stripe order of the kernel (grouped by stride phase), None when it is the stored order;
-    ``phase_info`` ``(P, 6)``: phase row/col, first row in kernel order, count, min/max row shift; ``ptr``
-    ``(O+1)`` and ``entries`` ``(S, 4)``: per output channel (CSR) its stripes' local row in the phase, row
-    shift, column shift, phase.
+    The stripes are grouped by kernel position into panels of at most :data:`PANEL_ROWS` (sizes balanced within
+    a position, rows sorted by output channel). ``order`` ``(panels * PANEL_ROWS,)``: the stored stripe of each
+    packed weight row (-1: padding); ``panels`` ``(panels, 4 + PANEL_ROWS)``: phase, row shift, column shift
+    (in phase-image pixels), number of rows, each row's output channel; ``phases`` ``(P, 2)``: the stride phases
+    (row, column offset) the panels read.
     """
 
-    perm: torch.Tensor | None
-    phase_info: torch.Tensor
-    ptr: torch.Tensor
-    entries: torch.Tensor
+    order: torch.Tensor
+    panels: torch.Tensor
+    phases: torch.Tensor
 
 
 def make_plan(
@@ -95,49 +102,62 @@ def make_plan(
     pad_left: int,
 ) -> StripePlan:
     """Plan for stripes ``(stripe_out, stripe_pos)`` (sorted by position, then channel)."""
-    stripe_out, stripe_pos = stripe_out.cpu(), stripe_pos.cpu()
+    stripe_out, stripe_pos = stripe_out.cpu().long(), stripe_pos.cpu().long()
     kw = kernel_size[1]
     (sh, sw), (dh, dw) = stride, dilation
     dy = (stripe_pos // kw) * dh - pad_top
     dx = (stripe_pos % kw) * dw - pad_left
     a, b = dy % sh, dx % sw
     qy, qx = (dy - a) // sh, (dx - b) // sw
-    phase_key = a * sw + b
-    num = stripe_out.numel()
-    perm = torch.argsort(phase_key, stable=True)
-    keys = phase_key[perm]
-    uniq, counts = torch.unique_consecutive(keys, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    phase_of, local = torch.empty(num, dtype=torch.long), torch.empty(num, dtype=torch.long)
-    rows = []
-    for p, (k, s, c) in enumerate(zip(uniq.tolist(), starts.tolist(), counts.tolist())):
-        sel = perm[s : s + c]
-        rows.append([k // sw, k % sw, s, c, int(qy[sel].min()), int(qy[sel].max())])
-        phase_of[s : s + c] = p
-        local[s : s + c] = torch.arange(c)
-    phase_info = torch.tensor(rows, dtype=torch.long).view(-1, 6)
-    outs = stripe_out[perm]
-    entries = torch.stack([local, qy[perm], qx[perm], phase_of], 1)
-    entries = entries[torch.argsort(outs, stable=True)].contiguous()
-    ptr = torch.zeros(out_channels + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(torch.bincount(outs, minlength=out_channels), 0)
-    identity = bool(torch.equal(perm, torch.arange(num)))
-    return StripePlan(None if identity else perm, phase_info, ptr, entries)
+    key = (a * sw + b) * (kernel_size[0] * kw) + stripe_pos  # phase, then position
+    perm = torch.argsort(key * max(1, out_channels) + stripe_out, stable=True)
+    keys = key[perm]
+    phase_keys = torch.unique(a * sw + b)
+    phase_index = {int(k): i for i, k in enumerate(phase_keys.tolist())}
+    _, counts = torch.unique_consecutive(keys, return_counts=True)
+    order, panels, start = [], [], 0
+    for count in counts.tolist():
+        sel = perm[start : start + count]
+        s0 = int(sel[0])
+        phase = phase_index[int(a[s0] * sw + b[s0])]
+        num = -(-count // PANEL_ROWS)
+        sizes = [count // num + (1 if i < count % num else 0) for i in range(num)]
+        offset = 0
+        for size in sizes:
+            rows = sel[offset : offset + size]
+            outs = stripe_out[rows].tolist()
+            panels.append([phase, int(qy[s0]), int(qx[s0]), size] + outs + [outs[-1]] * (PANEL_ROWS - size))
+            order.extend(rows.tolist() + [-1] * (PANEL_ROWS - size))
+            offset += size
+        start += count
+    phases = torch.stack([phase_keys // sw, phase_keys % sw], 1) if phase_keys.numel() else torch.zeros(1, 2)
+    return StripePlan(torch.tensor(order, dtype=torch.long),
+                      torch.tensor(panels, dtype=torch.long).view(-1, _HEAD + PANEL_ROWS),
+                      phases.long().contiguous())
 
 
-def tile_pixels(num_stripes: int, in_channels: int) -> int:
-    """Output pixels per tile: the tile's GEMM operands (``(S + C) x T`` floats) stay within ~1 MB."""
-    return max(64, min(4096, (1 << 18) // max(1, num_stripes + in_channels)))
+def pack(weight: torch.Tensor, plan: StripePlan) -> torch.Tensor:
+    """The stripe weights ``(S, C_in)`` in the kernel's panel layout ``(panels, C_in, PANEL_ROWS)`` (float32,
+    padding rows zero)."""
+    weight = weight.detach().float()
+    padded = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+    rows = torch.where(plan.order >= 0, plan.order, weight.shape[0]).to(weight.device)
+    return padded.index_select(0, rows).view(-1, PANEL_ROWS, weight.shape[1]).transpose(1, 2).contiguous()
 
 
-def kernel_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: StripePlan,
-                   out_hw: Tuple[int, int], stride: Tuple[int, int], residual: torch.Tensor | None = None,
-                   act: str | None = None) -> torch.Tensor:
-    """One call of the kernel (no autograd): ``x`` float32 CPU NCHW, ``weight`` ``(S, C)`` in stored order."""
+def tile_pixels(in_channels: int, out_channels: int) -> int:
+    """Output pixels per work item: its input and output tiles (``(C_in + C_out) x T`` floats) stay within
+    ~512 KB (the core's L2 cache holds them while the item's panels run over them)."""
+    return max(64, min(4096, (1 << 17) // max(1, in_channels + out_channels)))
+
+
+def kernel_forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, plan: StripePlan,
+                   out_channels: int, out_hw: Tuple[int, int], stride: Tuple[int, int],
+                   residual: torch.Tensor | None = None, act: str | None = None) -> torch.Tensor:
+    """One call of the kernel (no autograd): ``x`` float32 CPU NCHW, ``packed`` from :func:`pack`."""
     return torch.ops.swp_stripe.forward(
-        x, weight.detach(), plan.perm, plan.phase_info, plan.ptr, plan.entries, None if bias is None else bias.detach(),
-        residual, out_hw[0], out_hw[1], stride[0], stride[1], tile_pixels(weight.shape[0], weight.shape[1]),
-        ACTIVATIONS[act])
+        x, packed, plan.panels, plan.phases, None if bias is None else bias.detach(), residual, out_channels,
+        out_hw[0], out_hw[1], stride[0], stride[1], tile_pixels(x.shape[1], out_channels), ACTIVATIONS[act])
 
 
 class _StripeCpu(torch.autograd.Function):
@@ -145,7 +165,7 @@ class _StripeCpu(torch.autograd.Function):
     def forward(ctx, x, weight, bias, plan, out_hw, stride, dilation, pad, dense_index, kernel_size, out_channels):
         ctx.save_for_backward(x, weight)
         ctx.meta = (bias is not None, stride, dilation, pad, dense_index, kernel_size, out_channels)
-        return kernel_forward(x, weight, bias, plan, out_hw, stride)
+        return kernel_forward(x, pack(weight, plan), bias, plan, out_channels, out_hw, stride)
 
     @staticmethod
     def backward(ctx, grad):
@@ -177,12 +197,12 @@ def stripe_conv_cpu(
     pad: Tuple[int, int, int, int],
     dense_index: torch.Tensor,
     kernel_size: Tuple[int, int],
+    out_channels: int,
 ) -> torch.Tensor:
     """Stripe convolution of ``x`` (float32 CPU NCHW, zero padding ``pad`` = (l, r, t, b) not applied yet;
     ``plan`` made for ``pad``'s top/left), differentiable. ``dense_index`` = ``stripe_out * kh * kw + stripe_pos``."""
-    out_channels = plan.ptr.numel() - 1
     needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if torch.is_grad_enabled() and needs_grad:
         return _StripeCpu.apply(x, weight, bias, plan, out_hw, stride, dilation, pad, dense_index, kernel_size,
                                 out_channels)
-    return kernel_forward(x, weight, bias, plan, out_hw, stride)
+    return kernel_forward(x, pack(weight, plan), bias, plan, out_channels, out_hw, stride)

@@ -1,34 +1,38 @@
-// Fast CPU stripe convolution (float32, inference): output-side shift-add with cache-sized tiles.
+// Fast CPU stripe convolution (float32, inference): implicit GEMM over the shifted input.
 //
-// For each tile (a few images, or a block of output rows of one image) and each stride phase:
-//   Y = W_phase (S_phase x C) @ X_phase_tile (C x T)          one GEMM, no im2col
-// then every output row is bias (+ residual) + the sum of its stripes' rows of Y, shifted by the stripe's kernel
-// offset (the tile's Y is still in cache), then the activation. Stride s is handled by splitting the input into
-// s*s phases (polyphase), so a stripe reads its phase image with a stride-1 shift. Zero padding is the range clip.
+// The stripes are grouped by kernel position into weight panels of up to MR stripes, packed (C x MR, one float
+// per stripe and input channel, consecutive for a panel's rows). For a panel at position (qy, qx) of stride phase
+// p and a run of output pixels, the register tile computes the panel's 1x1 products over the phase image shifted
+// by (qy, qx) (a masked vector load per 8 pixels and input channel: the shift is an offset into the input, zero
+// padding is the lane mask) and adds each row straight into its output channel at those pixels. No intermediate
+// buffer, no second pass: bias (+ residual) is written before a tile's panels, the activation after them.
+// Stride s is handled by splitting the input into s*s phase images once per call (polyphase), so every panel
+// reads its phase with a stride-1 shift.
 //
-// Weights are read as they are stored: row-major (S x C); `rows` lists them in the kernel's (stride phase) order
-// where that differs. Nothing derived from the weights is kept between calls.
+// Work items are (images, output pixel tile, output channel range); channel ranges (split at runtime by stripe
+// counts) give both threads work at batch 1 on small images. A panel's rows are sorted by output channel, so a
+// channel range takes a contiguous run of each panel's rows: no two threads write the same output channel.
 //
+// The plan is checked at every call (cheap: O(panels)): malformed plans raise, they never read out of bounds.
 // Built with -DSWP_CHECKED (the sanitizer build), every pointer range a vector instruction touches is checked
 // against the buffer it must stay in (AddressSanitizer does not see AVX-512 masked loads and stores).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
-
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
 
 namespace {
 
@@ -41,316 +45,486 @@ namespace {
 #define SWP_RANGE(p, n, base, size) ((void)0)
 #endif
 
-struct Phase {
-  int64_t a, b, start, count, qy_min, qy_max, hph, wph;
-};
-
-constexpr int64_t kMargin = 64;  // zero floats before and after the GEMM output buffer
+constexpr int64_t MR = 6;     // rows (stripes) of a weight panel
+constexpr int64_t kHead = 4;  // a panel's plan row: phase, qy, qx, rows; then MR output channels
+constexpr int W = 8;          // output pixels of one vector (lanes)
+constexpr int kVMax = 6;      // most vectors of one register tile
+constexpr int64_t kMaxShift = int64_t{1} << 24, kMaxDim = int64_t{1} << 28;
+constexpr uint32_t kAll = (1u << W) - 1u;
 
 enum Activation : int64_t { kNone = 0, kRelu = 1 };
 
-struct Tile {
-  int64_t n0, nb, r0, r1;
+// vectors of a register tile, by its rows: R*V accumulators, V inputs and a broadcast fit the 16 registers
+constexpr int vmax(int r) { return r >= 5 ? 2 : r >= 3 ? 3 : r == 2 ? 5 : kVMax; }
+
+struct Vec {  // W output pixels of one image, consecutive in the output and (shifted) in the input
+  int64_t n, out_off;       // image, flat offset of lane 0 in the output image
+  int64_t y0, x0;           // output coordinates of lane 0
+  uint32_t lanes;           // lanes inside the item (bit i)
+  int32_t ys[W], xs[W];     // output coordinates of each lane
 };
 
-struct Buffers {  // per thread
-  std::vector<float> x, y, a, t;
+struct Tap {                // one vector at a panel's position: where it reads, which lanes
+  const float* in;
+  int64_t obase;            // output offset of lane 0 (image and pixel; + channel * Q per row)
+  uint32_t load, store;     // lanes read from the input (inside the phase image), lanes written
 };
 
-// Small images (stride 1, at most kSmallPixels input pixels) in batches of at least kSmallBatch: the batch is
-// the vector dimension (a per-image shift-add would be all loop overhead there).
-constexpr int64_t kSmallPixels = 64, kSmallBatch = 8;
+struct Phase {
+  int64_t a, b, hph, wph, offset;  // phase row/col, phase image size, offset in an image's phase buffer
+};
 
-// Row-major C(m x n) = A(m x k) @ B(k x n), leading dims lda, ldb, ldc.
-#if defined(__AVX512F__)
-// Own AVX-512 micro-kernel (12 rows x 32 columns of C in registers). MKL's sgemm takes its AVX2 path on AMD
-// CPUs, at half the speed of this kernel (and of oneDNN's dense convolution) there.
-constexpr int64_t MR = 12;
-
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const int64_t* arows,
-                 const float* b, int64_t ldb, float* c, int64_t ldc, std::vector<float>& /*abuf*/) {
-  for (int64_t r0 = 0; r0 < m; r0 += MR) {
-    const int64_t nr = std::min<int64_t>(MR, m - r0);
-    const float* ar[MR];
-#pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {  // extra rows (r >= nr) repeat the last one and are not stored
-      const int64_t row = r0 + std::min<int64_t>(r, nr - 1);
-      ar[r] = a + (arows ? arows[row] : row) * lda;
-    }
-    for (int64_t j = 0; j < n; j += 32) {
-      const int64_t nc = std::min<int64_t>(32, n - j);
-      const __mmask16 m0 = nc >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nc) - 1);
-      const __mmask16 m1 = nc >= 32 ? 0xFFFF : nc > 16 ? static_cast<__mmask16>((1u << (nc - 16)) - 1) : 0;
-      // every index into acc0/acc1 is a compile-time constant (unrolled loops): they stay in registers
-      __m512 acc0[MR], acc1[MR];
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-      const float* bp = b + j;
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, bp + kk * ldb);
-        const __m512 b1 = _mm512_maskz_loadu_ps(m1, bp + kk * ldb + 16);
-#pragma GCC unroll 12
-        for (int r = 0; r < MR; ++r) {
-          const __m512 av = _mm512_set1_ps(ar[r][kk]);
-          acc0[r] = _mm512_fmadd_ps(av, b0, acc0[r]);
-          acc1[r] = _mm512_fmadd_ps(av, b1, acc1[r]);
-        }
-      }
-      float* cp = c + r0 * ldc + j;
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        if (r < nr) {
-          _mm512_mask_storeu_ps(cp + r * ldc, m0, acc0[r]);
-          _mm512_mask_storeu_ps(cp + r * ldc + 16, m1, acc1[r]);
-        }
-      }
-    }
-  }
-}
-#else
-inline void gemm(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const int64_t* arows,
-                 const float* b, int64_t ldb, float* c, int64_t ldc, std::vector<float>& abuf) {
-  if (arows) {  // BLAS needs A contiguous: gather its rows
-    abuf.resize(m * k);
-    for (int64_t r = 0; r < m; ++r) std::memcpy(abuf.data() + r * k, a + arows[r] * lda, sizeof(float) * k);
-    a = abuf.data();
-    lda = k;
-  }
-  // column-major sgemm of the transposed problem
-  const char no = 'N';
-  const float one = 1.f, zero = 0.f;
-  int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-  int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
-  sgemm_(&no, &no, &in, &im, &ik, &one, b, &ib, a, &ia, &zero, c, &ic);
-}
-#endif
-
-// dst[i] += src[i], i < len
-inline void add_row(float* dst, const float* src, int64_t len) {
-#if defined(__AVX512F__)
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) _mm512_storeu_ps(dst + i, _mm512_add_ps(_mm512_loadu_ps(dst + i), _mm512_loadu_ps(src + i)));
-  if (i < len) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (len - i)) - 1);
-    _mm512_mask_storeu_ps(dst + i, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst + i), _mm512_maskz_loadu_ps(m, src + i)));
-  }
-#else
-  for (int64_t i = 0; i < len; ++i) dst[i] += src[i];
-#endif
-}
-
-// dst[i] += src[i] where bit i of the pattern is set, i < len (pattern: one 16-bit word per 16 floats)
-inline void add_masked(float* dst, const float* src, const uint16_t* pattern, int64_t len) {
-#if defined(__AVX512F__)
-  for (int64_t i = 0, c = 0; i < len; i += 16, ++c) {
-    const __mmask16 m = len - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (len - i)) - 1);
-    const __m512 d = _mm512_maskz_loadu_ps(m, dst + i);
-    _mm512_mask_storeu_ps(dst + i, m, _mm512_add_ps(d, _mm512_maskz_loadu_ps(pattern[c] & m, src + i)));
-  }
-#else
-  for (int64_t i = 0; i < len; ++i)
-    if ((pattern[i / 16] >> (i % 16)) & 1) dst[i] += src[i];
-#endif
-}
-
-inline void apply_activation(float* p, int64_t len, int64_t act) {
-  if (act == kRelu)
-    for (int64_t i = 0; i < len; ++i) p[i] = p[i] > 0.f ? p[i] : 0.f;
-}
-
-struct Layer {  // everything a tile needs, read-only
-  const float *x, *w, *bias, *residual;
-  float* out;
+struct Layer {  // everything an item needs, read-only
+  const float* x;          // input (stride 1) or phase buffer
+  int64_t img_stride;      // floats per image in x
+  const float* packed;     // (panels, C, MR)
+  const int64_t* panels;   // (panels, kHead + MR)
+  int64_t num_panels;
   const std::vector<Phase>* phases;
-  const int64_t *ptr, *ent, *rows;  // rows: weight row of each stripe in kernel (phase) order, or null: identity
-  int64_t N, C, H, W, O, S, out_h, out_w, sh, sw, act;
+  const float *bias, *residual;
+  float* out;
+  int64_t N, C, O, out_h, out_w, act;
+  int64_t x_size;
+  int64_t kc;              // input channels per block (the block's input tile stays in the L2 cache)
 };
 
-void run_tile(const Tile& t, const Layer& L, Buffers& buf) {
-  const std::vector<Phase>& phases = *L.phases;
-  const int64_t P = static_cast<int64_t>(phases.size()), C = L.C, H = L.H, W = L.W, out_w = L.out_w;
-  std::vector<int64_t> u0(P), rows(P), cols(P), yoff(P);
-  int64_t ytotal = 0;
-  for (int64_t p = 0; p < P; ++p) {
-    const Phase& ph = phases[p];
-    u0[p] = std::max<int64_t>(0, t.r0 + ph.qy_min);
-    const int64_t u1 = std::min<int64_t>(ph.hph, t.r1 - 1 + ph.qy_max + 1);
-    rows[p] = std::max<int64_t>(0, u1 - u0[p]);
-    cols[p] = t.nb * rows[p] * ph.wph;
-    yoff[p] = ytotal;
-    ytotal += ph.count * cols[p];
-  }
-  // Y lives at y + kMargin: the narrow shift-add's masked loads may address up to kMargin floats past a row
-  const int64_t ysize = ytotal + 2 * kMargin;
-  if (static_cast<int64_t>(buf.y.size()) < ysize) buf.y.resize(ysize, 0.f);
-  float* Y = buf.y.data() + kMargin;
-  for (int64_t p = 0; p < P; ++p) {
-    const Phase& ph = phases[p];
-    if (cols[p] == 0 || ph.count == 0) continue;
-    const float* bmat;
-    int64_t ldb;
-    if (L.sh == 1 && L.sw == 1 && t.nb == 1) {  // a view of the input: rows u0.. of image n0, all channels
-      bmat = L.x + t.n0 * C * H * W + u0[p] * W;
-      ldb = H * W;
-      SWP_RANGE(bmat, (C - 1) * ldb + cols[p], L.x, L.N * C * H * W);
-    } else {  // copy the phase rows of nb images into a (C x nb*rows*wph) buffer
-      if (static_cast<int64_t>(buf.x.size()) < C * cols[p]) buf.x.resize(C * cols[p]);
-      float* dst = buf.x.data();
-      for (int64_t c = 0; c < C; ++c) {
-        for (int64_t nl = 0; nl < t.nb; ++nl) {
-          const float* img = L.x + ((t.n0 + nl) * C + c) * H * W;
-          for (int64_t r = 0; r < rows[p]; ++r) {
-            const float* src = img + ((u0[p] + r) * L.sh + ph.a) * W + ph.b;
-            SWP_RANGE(src, (ph.wph - 1) * L.sw + 1, L.x, L.N * C * H * W);
-            if (L.sw == 1) {
-              std::memcpy(dst, src, sizeof(float) * ph.wph);
-            } else {
-              for (int64_t v = 0; v < ph.wph; ++v) dst[v] = src[v * L.sw];
-            }
-            dst += ph.wph;
-          }
-        }
-      }
-      bmat = buf.x.data();
-      ldb = cols[p];
-    }
-    SWP_RANGE(Y + yoff[p], ph.count * cols[p], buf.y.data(), ysize);
-    const int64_t* arows = L.rows ? L.rows + ph.start : nullptr;
-#if defined(SWP_CHECKED)
-    for (int64_t r = 0; r < ph.count; ++r) SWP_RANGE(L.w + (arows ? arows[r] : ph.start + r) * C, C, L.w, L.S * C);
+struct Item {
+  int64_t n0, nb, q0, q1, c0, c1;  // images [n0, n0 + nb), output pixels [q0, q1) of each, channels [c0, c1)
+};
+
+using Kernel = void (*)(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out,
+                       const int64_t* orow);
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256i lane_mask(uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel), sel);
+}
 #endif
-    gemm(ph.count, cols[p], C, arows ? L.w : L.w + ph.start * C, C, arows, bmat, ldb, Y + yoff[p], cols[p], buf.a);
-  }
-  // shift-add: out[n, o, h, :] = act(bias[o] + residual + sum over stripes e of o of Y_e[h + qy_e, : + qx_e])
-  // Narrow images (out_w < 32, same width as Y): one flat add over the stripe's rows, the columns that
-  // would wrap around a row edge masked out by a per-shift pattern; wide ones: row by row.
-  const int64_t tile_len = (t.r1 - t.r0) * out_w;
-  const int64_t out_size = L.N * L.O * L.out_h * out_w;
-  const bool narrow = out_w < 32;
-  std::vector<std::vector<uint16_t>> patterns;
-  for (int64_t nl = 0; nl < t.nb; ++nl) {
-    const int64_t n = t.n0 + nl;
-    for (int64_t o = 0; o < L.O; ++o) {
-      const float b0 = L.bias ? L.bias[o] : 0.f;
-      const int64_t offset = ((n * L.O + o) * L.out_h + t.r0) * out_w;
-      float* oimg = L.out + offset;
-      if (L.residual) {
-        const float* res = L.residual + offset;
-        for (int64_t i = 0; i < tile_len; ++i) oimg[i] = b0 + res[i];
-      } else {
-        for (int64_t i = 0; i < tile_len; ++i) oimg[i] = b0;
-      }
-      for (int64_t e = L.ptr[o]; e < L.ptr[o + 1]; ++e) {
-        const int64_t* en = L.ent + 4 * e;  // local row, qy, qx, phase
-        const int64_t p = en[3], qy = en[1], qx = en[2], wph = phases[p].wph;
-        const int64_t h_lo = std::max<int64_t>(t.r0, u0[p] - qy);
-        const int64_t h_hi = std::min<int64_t>(t.r1, u0[p] + rows[p] - qy);
-        const int64_t lo = std::max<int64_t>(0, -qx), hi = std::min<int64_t>(out_w, wph - qx);
-        if (h_lo >= h_hi || lo >= hi) continue;
-        const float* ysrc = Y + yoff[p] + en[0] * cols[p] + (nl * rows[p] + h_lo + qy - u0[p]) * wph + qx;
-        float* odst = oimg + (h_lo - t.r0) * out_w;
-        if (narrow && wph == out_w && qx >= -kMargin && qx <= kMargin) {
-          const int64_t key = qx + kMargin;
-          if (static_cast<int64_t>(patterns.size()) <= key) patterns.resize(key + 1);
-          std::vector<uint16_t>& pat = patterns[key];
-          if (pat.empty()) {
-            pat.assign((tile_len + 15) / 16, 0);
-            for (int64_t i = 0; i < tile_len; ++i)
-              if (i % out_w >= lo && i % out_w < hi) pat[i / 16] |= static_cast<uint16_t>(1u << (i % 16));
-          }
-          const int64_t len = (h_hi - h_lo) * out_w;
-          SWP_RANGE(odst, len, L.out, out_size);
-          SWP_RANGE(ysrc, (len + 15) / 16 * 16, buf.y.data(), ysize);  // the masked loads' address range
-          add_masked(odst, ysrc, pat.data(), len);
+
+// out[orow[r] + taps[v].obase + i] += sum_c w[c * MR + r] * taps[v].in[(c0 + c) * ldx + i] for the taps' lanes,
+// c < C (a block of the input channels);
+// Masked: some tap reads fewer than all lanes
+template <int R, int V, bool Masked>
+void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out, const int64_t* orow) {
+  if constexpr (V <= vmax(R)) {
+#if defined(__AVX2__) && defined(__FMA__)
+    // every index into acc is a compile-time constant (unrolled loops): it stays in registers
+    __m256 acc[R][V];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_ps();
+    const float* b[V];
+    __m256i m[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      b[v] = taps[v].in + c0 * ldx;
+      if constexpr (Masked) m[v] = lane_mask(taps[v].load);
+    }
+    for (int64_t c = 0, off = 0; c < C; ++c, off += ldx) {
+      __m256 bv[V];
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        if constexpr (Masked) {
+          bv[v] = _mm256_maskload_ps(b[v] + off, m[v]);
         } else {
-          for (int64_t h = h_lo; h < h_hi; ++h, odst += out_w, ysrc += wph) {
-            SWP_RANGE(odst + lo, hi - lo, L.out, out_size);
-            SWP_RANGE(ysrc + lo, hi - lo, buf.y.data(), ysize);
-            add_row(odst + lo, ysrc + lo, hi - lo);
-          }
+          bv[v] = _mm256_loadu_ps(b[v] + off);
         }
       }
-      apply_activation(oimg, tile_len, L.act);
+      const float* wc = w + c * MR;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m256 a = _mm256_broadcast_ss(wc + r);
+#pragma GCC unroll 8
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, bv[v], acc[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const uint32_t store = taps[v].store;
+      const __m256i sm = lane_mask(store);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        float* o = out + orow[r] + taps[v].obase;
+        if (store == kAll) {
+          _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][v]));
+        } else {
+          _mm256_maskstore_ps(o, sm, _mm256_add_ps(_mm256_maskload_ps(o, sm), acc[r][v]));
+        }
+      }
+    }
+#else
+    float acc[R][V * W] = {};
+    for (int64_t c = 0, off = 0; c < C; ++c, off += ldx) {
+      float bv[V * W];
+      for (int v = 0; v < V; ++v)
+        for (int i = 0; i < W; ++i) bv[v * W + i] = (taps[v].load >> i) & 1u ? taps[v].in[c0 * ldx + off + i] : 0.f;
+      const float* wc = w + c * MR;
+      for (int r = 0; r < R; ++r) {
+        const float a = wc[r];
+        for (int i = 0; i < V * W; ++i) acc[r][i] += a * bv[i];
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < V; ++v) {
+        float* o = out + orow[r] + taps[v].obase;
+        for (int i = 0; i < W; ++i)
+          if ((taps[v].store >> i) & 1u) o[i] += acc[r][v * W + i];
+      }
+#endif
+  }
+}
+
+template <int R, bool Masked, int... V>
+constexpr void fill_row(Kernel (&row)[kVMax + 1], std::integer_sequence<int, V...>) {
+  ((row[V + 1] = &micro<R, V + 1, Masked>), ...);
+}
+
+template <bool Masked, int... R>
+struct Table {
+  Kernel k[MR + 1][kVMax + 1] = {};
+  constexpr Table() { ((fill_row<R + 1, Masked>(k[R + 1], std::make_integer_sequence<int, kVMax>{})), ...); }
+};
+
+template <bool Masked, int... R>
+constexpr auto make_table(std::integer_sequence<int, R...>) { return Table<Masked, R...>{}; }
+
+const auto kFull = make_table<false>(std::make_integer_sequence<int, MR>{});
+const auto kMasked = make_table<true>(std::make_integer_sequence<int, MR>{});
+
+// the vectors of an item's output pixels (lanes inside [q0, q1) of each image); flat: a vector may span rows
+// (the phase images are as wide as the output), else each vector lies in one output row
+void make_vectors(const Item& it, const Layer& L, bool flat, std::vector<Vec>& vecs) {
+  vecs.clear();
+  const int64_t ow = L.out_w;
+  for (int64_t n = it.n0; n < it.n0 + it.nb; ++n) {
+    auto push = [&](int64_t q, int64_t len) {
+      Vec v;
+      v.n = n, v.out_off = q, v.y0 = q / ow, v.x0 = q % ow;
+      v.lanes = len >= W ? kAll : (1u << len) - 1u;
+      for (int64_t i = 0; i < W; ++i) {
+        v.ys[i] = static_cast<int32_t>((q + i) / ow);
+        v.xs[i] = static_cast<int32_t>((q + i) % ow);
+      }
+      vecs.push_back(v);
+    };
+    if (flat) {
+      for (int64_t q = it.q0; q < it.q1; q += W) push(q, std::min<int64_t>(W, it.q1 - q));
+    } else {
+      for (int64_t q = it.q0; q < it.q1; q += ow)  // items are whole rows here
+        for (int64_t x = 0; x < ow; x += W) push(q + x, std::min<int64_t>(W, ow - x));
     }
   }
 }
 
-// The small-image path on images n0 .. n0 + nb: Xt (C x P x nb) = the input batch-minor; Y = W (S x C) @ Xt;
-// T (O x Q x nb) = bias + the shifted rows of each channel's stripes; out = act(T transposed + residual).
-void run_small(int64_t n0, int64_t nb, const Layer& L, Buffers& buf) {
-  const int64_t C = L.C, H = L.H, W = L.W, P = H * W, Q = L.out_h * L.out_w, O = L.O, S = L.S;
-  buf.x.resize(C * P * nb);
-  float* xt = buf.x.data();
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t c = 0; c < C; ++c) {
-      const float* src = L.x + ((n0 + j) * C + c) * P;
-      for (int64_t p = 0; p < P; ++p) xt[(c * P + p) * nb + j] = src[p];
+// lanes of v whose input pixel (y + qy, x + qx) lies inside an hph x wph phase image
+inline uint32_t load_lanes(const Vec& v, int64_t qy, int64_t qx, int64_t hph, int64_t wph) {
+  uint32_t m = 0;
+  for (int i = 0; i < W; ++i) {
+    const int64_t y = v.ys[i] + qy, x = v.xs[i] + qx;
+    m |= static_cast<uint32_t>(y >= 0 && y < hph && x >= 0 && x < wph) << i;
+  }
+  return m & v.lanes;
+}
+
+struct Work {  // per thread
+  std::vector<Vec> vecs;
+  std::vector<Tap> taps;
+};
+
+void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
+  const int64_t Q = L.out_h * L.out_w, C = L.C, O = L.O;
+  const int64_t out_size = L.N * O * Q;
+  // bias (+ residual) first: the panels add into the output
+  for (int64_t n = it.n0; n < it.n0 + it.nb; ++n)
+    for (int64_t o = it.c0; o < it.c1; ++o) {
+      const int64_t offset = (n * O + o) * Q;
+      float* dst = L.out + offset + it.q0;
+      const float b0 = L.bias ? L.bias[o] : 0.f;
+      const int64_t len = it.q1 - it.q0;
+      if (L.residual) {
+        const float* res = L.residual + offset + it.q0;
+        for (int64_t i = 0; i < len; ++i) dst[i] = b0 + res[i];
+      } else {
+        for (int64_t i = 0; i < len; ++i) dst[i] = b0;
+      }
     }
-  buf.y.resize(std::max<int64_t>(1, S * P * nb));
-  float* Y = buf.y.data();
-  if (S > 0) gemm(S, P * nb, C, L.w, C, L.rows, xt, P * nb, Y, P * nb, buf.a);
-  buf.t.resize(O * Q * nb);
+  make_vectors(it, L, flat, wk.vecs);
+  int64_t orow[MR];
+  for (int64_t k0 = 0; k0 < C; k0 += L.kc) {
+  const int64_t kc = std::min(L.kc, C - k0);
+  int64_t key_phase = -1, key_qy = 0, key_qx = 0;
+  for (int64_t p = 0; p < L.num_panels; ++p) {
+    const int64_t* pr = L.panels + p * (kHead + MR);
+    const int64_t rows = pr[3];
+    const int64_t* outs = pr + kHead;
+    if (outs[0] >= it.c1 || outs[rows - 1] < it.c0) continue;
+    int64_t r0 = 0, r1 = rows;
+    while (outs[r0] < it.c0) ++r0;
+    while (outs[r1 - 1] >= it.c1) --r1;
+    const Phase& ph = (*L.phases)[pr[0]];
+    const int64_t qy = pr[1], qx = pr[2], ldx = ph.hph * ph.wph;
+    if (pr[0] != key_phase || qy != key_qy || qx != key_qx) {  // the taps of this position
+      key_phase = pr[0], key_qy = qy, key_qx = qx;
+      wk.taps.clear();
+      for (const Vec& v : wk.vecs) {
+        const uint32_t valid = load_lanes(v, qy, qx, ph.hph, ph.wph);
+        if (!valid) continue;
+        uint32_t load = valid;
+        const float* in = L.x + v.n * L.img_stride + ph.offset + (v.y0 + qy) * ph.wph + v.x0 + qx;
+        // every written lane valid and the whole vector inside the buffer: read it unmasked (the lanes not
+        // written only feed accumulators that are never stored; masked loads are slow, at page ends above all)
+        const int64_t at = (in - L.x);
+        if (load == v.lanes && at >= 0 && at + (C - 1) * ldx + W <= L.x_size) load = kAll;
+#if defined(SWP_CHECKED)
+        {  // every lane read inside the buffer; the valid ones inside their image's phase plane
+          const int64_t first = __builtin_ctz(load), last = 31 - __builtin_clz(load);
+          SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
+          const int64_t vfirst = __builtin_ctz(valid), vlast = 31 - __builtin_clz(valid);
+          SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + ph.offset, C * ldx);
+        }
+#endif
+        wk.taps.push_back({in, v.n * O * Q + v.out_off, load, v.lanes});
+      }
+    }
+    if (wk.taps.empty()) continue;
+    const int R = static_cast<int>(r1 - r0);
+    for (int64_t r = r0; r < r1; ++r) orow[r - r0] = outs[r] * Q;
+    const float* w = L.packed + p * C * MR + k0 * MR + r0;
+    SWP_RANGE(w, (kc - 1) * MR + R, L.packed, L.num_panels * C * MR);
+#if defined(SWP_CHECKED)
+    for (const Tap& t : wk.taps) {
+      const int64_t first = __builtin_ctz(t.store), last = 31 - __builtin_clz(t.store);
+      for (int r = 0; r < R; ++r) SWP_RANGE(L.out + orow[r] + t.obase + first, last - first + 1, L.out, out_size);
+    }
+#endif
+    (void)out_size;
+    const int64_t T = static_cast<int64_t>(wk.taps.size()), V = vmax(R);
+    for (int64_t t = 0; t < T; t += V) {
+      const int64_t nv = std::min<int64_t>(V, T - t);
+      const Tap* tp = wk.taps.data() + t;
+      bool full = true;
+      for (int64_t v = 0; v < nv; ++v) full = full && tp[v].load == kAll;
+      (full ? kFull.k[R][nv] : kMasked.k[R][nv])(w, kc, ldx, k0, tp, L.out, orow);
+    }
+  }
+  }
+  if (L.act == kRelu)
+    for (int64_t n = it.n0; n < it.n0 + it.nb; ++n)
+      for (int64_t o = it.c0; o < it.c1; ++o) {
+        float* dst = L.out + (n * O + o) * Q + it.q0;
+        for (int64_t i = 0; i < it.q1 - it.q0; ++i) dst[i] = dst[i] > 0.f ? dst[i] : 0.f;
+      }
+}
+
+// ---------------------------------------------------------------- few input channels (the stem)
+// With C_in <= kFew a panel's K loop is too short for its read-modify-write of the output. There, each output
+// channel's stripes are summed in registers instead (K = its stripes x C_in, one accumulator per vector of an
+// output row), over zero-padded phase images: every load is a full vector inside the buffer (no masks), the
+// output is written once.
+constexpr int64_t kFew = 8;
+constexpr int kVF = 14;  // vectors of one output row chunk (one accumulator each)
+
+struct FewStripe {
+  int64_t off;       // offset of the stripe's shift in an image's padded phase buffer
+  const float* w;    // its weights, stride MR per input channel
+};
+
+struct Few {  // everything a row block needs, read-only
+  const float* buf;  // (N, P, C, plane) padded phase images
+  int64_t img, plane, pitch, C, O, out_h, out_w, act;
+  const std::vector<int64_t>* ptr;     // (O + 1) CSR of each output channel's stripes
+  const std::vector<FewStripe>* stripes;
+  const float *bias, *residual;
+  float* out;
+  int64_t buf_size, out_size;
+};
+
+// out[n, o, y, x0 + i] = act(bias + residual + sum over o's stripes and c of w * buf[...]), V vectors of W pixels
+template <int V>
+void few_chunk(const Few& F, int64_t n, int64_t o, int64_t y, int64_t x0) {
+  const float* base = F.buf + n * F.img + y * F.pitch + x0;
+  const int64_t C = F.C, plane = F.plane;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[V];
+#pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) acc[v] = _mm256_setzero_ps();
+  for (int64_t j = (*F.ptr)[o]; j < (*F.ptr)[o + 1]; ++j) {
+    const FewStripe& st = (*F.stripes)[j];
+    const float* src = base + st.off;
+    SWP_RANGE(src, (C - 1) * plane + V * W, F.buf, F.buf_size);
+    for (int64_t c = 0; c < C; ++c, src += plane) {
+      const __m256 a = _mm256_broadcast_ss(st.w + c * MR);
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v) acc[v] = _mm256_fmadd_ps(a, _mm256_loadu_ps(src + v * W), acc[v]);
+    }
+  }
+#else
+  float acc[V * W] = {};
+  for (int64_t j = (*F.ptr)[o]; j < (*F.ptr)[o + 1]; ++j) {
+    const FewStripe& st = (*F.stripes)[j];
+    const float* src = base + st.off;
+    SWP_RANGE(src, (C - 1) * plane + V * W, F.buf, F.buf_size);
+    for (int64_t c = 0; c < C; ++c, src += plane) {
+      const float a = st.w[c * MR];
+      for (int i = 0; i < V * W; ++i) acc[i] += a * src[i];
+    }
+  }
+#endif
+  const int64_t offset = ((n * F.O + o) * F.out_h + y) * F.out_w + x0;
+  const float b0 = F.bias ? F.bias[o] : 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 bv = _mm256_set1_ps(b0), zero = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int v = 0; v < V; ++v) {
+    const int64_t len = std::min<int64_t>(W, F.out_w - x0 - v * W);
+    float* dst = F.out + offset + v * W;
+    SWP_RANGE(dst, len, F.out, F.out_size);
+    const __m256i m = lane_mask(len >= W ? kAll : (1u << len) - 1u);
+    __m256 t = _mm256_add_ps(acc[v], bv);
+    if (F.residual) t = _mm256_add_ps(t, _mm256_maskload_ps(F.residual + offset + v * W, m));
+    if (F.act == kRelu) t = _mm256_max_ps(t, zero);
+    if (len >= W) {
+      _mm256_storeu_ps(dst, t);
+    } else {
+      _mm256_maskstore_ps(dst, m, t);
+    }
+  }
+#else
+  for (int v = 0; v < V; ++v) {
+    const int64_t len = std::min<int64_t>(W, F.out_w - x0 - v * W);
+    float* dst = F.out + offset + v * W;
+    SWP_RANGE(dst, len, F.out, F.out_size);
+    const float* res = F.residual ? F.residual + offset + v * W : nullptr;
+    for (int64_t i = 0; i < len; ++i) {
+      const float t = acc[v * W + i] + b0 + (res ? res[i] : 0.f);
+      dst[i] = F.act == kRelu && t < 0.f ? 0.f : t;
+    }
+  }
+#endif
+}
+
+template <int... V>
+constexpr std::array<void (*)(const Few&, int64_t, int64_t, int64_t, int64_t), kVF + 1> few_table(
+    std::integer_sequence<int, V...>) {
+  return {nullptr, &few_chunk<V + 1>...};
+}
+const auto kFewChunks = few_table(std::make_integer_sequence<int, kVF>{});
+
+void few_rows(const Few& F, int64_t n, int64_t r0, int64_t r1) {
+  for (int64_t o = 0; o < F.O; ++o)
+    for (int64_t y = r0; y < r1; ++y)
+      for (int64_t x0 = 0; x0 < F.out_w; x0 += kVF * W) {
+        const int64_t nv = std::min<int64_t>(kVF, (F.out_w - x0 + W - 1) / W);
+        kFewChunks[nv](F, n, o, y, x0);
+      }
+}
+
+// the few-channel path for the whole call (plan already checked)
+void run_few(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
+             const std::vector<Phase>& phases, const Layer& L, const at::Tensor& like) {
+  const int64_t O = L.O, out_h = L.out_h, out_w = L.out_w, P = static_cast<int64_t>(phases.size());
+  // each output channel's stripes (those whose window meets the phase image: the others add zeros)
+  std::vector<std::vector<std::array<int64_t, 4>>> by_out(O);  // phase, qy, qx, packed row index
+  int64_t ymin = 0, ymax = 0, xmin = 0, xmax = 0;
+  const int64_t* pr = L.panels;
+  for (int64_t p = 0; p < L.num_panels; ++p, pr += kHead + MR) {
+    const Phase& ph = phases[pr[0]];
+    const int64_t qy = pr[1], qx = pr[2];
+    if (qy >= ph.hph || qy + out_h <= 0 || qx >= ph.wph || qx + out_w <= 0) continue;
+    ymin = std::min(ymin, qy), ymax = std::max(ymax, qy), xmin = std::min(xmin, qx), xmax = std::max(xmax, qx);
+    for (int64_t r = 0; r < pr[3]; ++r) by_out[pr[kHead + r]].push_back({pr[0], qy, qx, p * MR + r});
+  }
+  const int64_t rows = out_h + ymax - ymin, pitch = (out_w + W - 1) / W * W + xmax - xmin;
+  const int64_t plane = rows * pitch, img = P * C * plane;
+  at::Tensor bufT = at::zeros({std::max<int64_t>(1, N * img)}, like.options());
+  float* buf = bufT.data_ptr<float>();
+  at::parallel_for(0, N * P * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / (P * C), p = (i / C) % P, c = i % C;
+      const Phase& ph = phases[p];
+      const float* src = x + (n * C + c) * H * W_in;
+      float* d = buf + n * img + (p * C + c) * plane;
+      for (int64_t u = std::max<int64_t>(0, ymin); u < std::min(ph.hph, ymin + rows); ++u) {
+        const float* row = src + (u * sh + ph.a) * W_in + ph.b;
+        float* drow = d + (u - ymin) * pitch - xmin;  // phase column v at drow[v]
+        const int64_t v1 = std::min(ph.wph, pitch + xmin);
+        for (int64_t v = std::max<int64_t>(0, xmin); v < v1; ++v) drow[v] = row[v * sw];
+      }
+    }
+  });
+  std::vector<int64_t> ptr(O + 1, 0);
+  std::vector<FewStripe> stripes;
   for (int64_t o = 0; o < O; ++o) {
-    float* T = buf.t.data() + o * Q * nb;
-    const float b0 = L.bias ? L.bias[o] : 0.f;
-    for (int64_t i = 0; i < Q * nb; ++i) T[i] = b0;
-    for (int64_t e = L.ptr[o]; e < L.ptr[o + 1]; ++e) {
-      const int64_t* en = L.ent + 4 * e;  // local row (= row: one phase), qy, qx
-      const float* Ys = Y + en[0] * P * nb;
-      for (int64_t h = 0; h < L.out_h; ++h) {
-        const int64_t ih = h + en[1];
-        if (ih < 0 || ih >= H) continue;
-        for (int64_t w = 0; w < L.out_w; ++w) {
-          const int64_t iw = w + en[2];
-          if (iw < 0 || iw >= W) continue;
-          SWP_RANGE(Ys + (ih * W + iw) * nb, nb, buf.y.data(), S * P * nb);
-          SWP_RANGE(T + (h * L.out_w + w) * nb, nb, buf.t.data(), O * Q * nb);
-          add_row(T + (h * L.out_w + w) * nb, Ys + (ih * W + iw) * nb, nb);
-        }
-      }
+    for (const auto& e : by_out[o]) {
+      const int64_t panel = e[3] / MR, r = e[3] % MR;
+      stripes.push_back({(e[0] * C) * plane + (e[1] - ymin) * pitch + (e[2] - xmin), L.packed + panel * C * MR + r});
     }
+    ptr[o + 1] = static_cast<int64_t>(stripes.size());
   }
-  for (int64_t j = 0; j < nb; ++j)
-    for (int64_t o = 0; o < O; ++o) {
-      const int64_t offset = ((n0 + j) * O + o) * Q;
-      const float* T = buf.t.data() + o * Q * nb + j;
-      float* dst = L.out + offset;
-      const float* res = L.residual ? L.residual + offset : nullptr;
-      for (int64_t q = 0; q < Q; ++q) {
-        float v = T[q * nb] + (res ? res[q] : 0.f);
-        dst[q] = L.act == kRelu && v < 0.f ? 0.f : v;
-      }
+  const Few F{buf, img, plane, pitch, C, O, out_h, out_w, L.act, &ptr, &stripes, L.bias, L.residual, L.out,
+              bufT.numel(), N * O * out_h * out_w};
+  // row blocks whose padded input rows stay in the L1 cache (~24 KB), enough for every thread
+  const int64_t threads = at::get_num_threads();
+  int64_t per = std::max<int64_t>(1, 6144 / std::max<int64_t>(1, P * C * pitch) - (ymax - ymin));
+  per = std::min(per, std::max<int64_t>(1, (N * out_h + 4 * threads - 1) / (4 * threads)));
+  const int64_t blocks = (out_h + per - 1) / per;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / blocks, r0 = (i % blocks) * per;
+      few_rows(F, n, r0, std::min(out_h, r0 + per));
     }
+  });
 }
 
-// weight_: (S, C) float32, rows in phase order; C = x.size(1)
-at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, const std::optional<at::Tensor>& rows_,
-                               const at::Tensor& phase_info_, const at::Tensor& ptr_, const at::Tensor& entries_,
-                               const std::optional<at::Tensor>& bias_,
-                               const std::optional<at::Tensor>& residual_, int64_t out_h, int64_t out_w, int64_t sh,
-                               int64_t sw, int64_t tile_pixels, int64_t act) {
-  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x: float32 CPU NCHW");
-  TORCH_CHECK(weight_.dim() == 2 && weight_.scalar_type() == at::kFloat && weight_.size(1) == x_.size(1),
-              "weight: float32 (S, C) with C = x.size(1)");
-  TORCH_CHECK(act == kNone || act == kRelu, "act: 0 (none) or 1 (relu)");
-  TORCH_CHECK(sh >= 1 && sw >= 1 && tile_pixels >= 1 && out_h >= 0 && out_w >= 0, "bad geometry");
-  const at::Tensor x = x_.contiguous(), w = weight_.contiguous();
-  const at::Tensor pinfo = phase_info_.contiguous(), ptr = ptr_.contiguous(), ent = entries_.contiguous();
-  TORCH_CHECK(pinfo.scalar_type() == at::kLong && ptr.scalar_type() == at::kLong && ent.scalar_type() == at::kLong,
-              "plan tensors: int64");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = ptr.size(0) - 1;
-  TORCH_CHECK(ent.dim() == 2 && ent.size(1) == 4 && ent.size(0) == w.size(0) && pinfo.dim() == 2 &&
-              pinfo.size(1) == 6, "plan does not match the weight");
-  at::Tensor bias, residual, order;
-  if (rows_.has_value() && rows_->defined()) {
-    order = rows_->contiguous();
-    TORCH_CHECK(order.scalar_type() == at::kLong && order.numel() == w.size(0), "rows: int64 (S,)");
-    const int64_t* rp = order.data_ptr<int64_t>();
-    for (int64_t i = 0; i < order.numel(); ++i) TORCH_CHECK(rp[i] >= 0 && rp[i] < w.size(0), "rows: out of range");
+// Check the plan against the tensors (cheap, every call): a malformed plan raises, never reads out of bounds.
+void check_plan(const at::Tensor& packed, const at::Tensor& panels, const at::Tensor& phases, int64_t C, int64_t O,
+                int64_t sh, int64_t sw) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(1) == C && packed.size(2) == MR,
+              "swp_stripe: packed weights must be (panels, C_in, ", MR, "), got ", packed.sizes());
+  TORCH_CHECK(panels.dim() == 2 && panels.size(0) == packed.size(0) && panels.size(1) == kHead + MR,
+              "swp_stripe: plan panels must be (", packed.size(0), ", ", kHead + MR, "), got ", panels.sizes());
+  TORCH_CHECK(phases.dim() == 2 && phases.size(1) == 2 && phases.size(0) >= 1 && phases.size(0) <= sh * sw,
+              "swp_stripe: plan phases must be (P, 2) with 1 <= P <= stride product, got ", phases.sizes());
+  const int64_t* ph = phases.data_ptr<int64_t>();
+  for (int64_t p = 0; p < phases.size(0); ++p)
+    TORCH_CHECK(ph[2 * p] >= 0 && ph[2 * p] < sh && ph[2 * p + 1] >= 0 && ph[2 * p + 1] < sw,
+                "swp_stripe: plan phase ", p, " (", ph[2 * p], ", ", ph[2 * p + 1], ") outside the stride");
+  const int64_t* pr = panels.data_ptr<int64_t>();
+  for (int64_t p = 0; p < panels.size(0); ++p, pr += kHead + MR) {
+    TORCH_CHECK(pr[0] >= 0 && pr[0] < phases.size(0), "swp_stripe: plan panel ", p, " has phase ", pr[0]);
+    TORCH_CHECK(pr[1] > -kMaxShift && pr[1] < kMaxShift && pr[2] > -kMaxShift && pr[2] < kMaxShift,
+                "swp_stripe: plan panel ", p, " has shift (", pr[1], ", ", pr[2], ")");
+    TORCH_CHECK(pr[3] >= 1 && pr[3] <= MR, "swp_stripe: plan panel ", p, " has ", pr[3], " rows");
+    for (int64_t r = 0; r < pr[3]; ++r)
+      TORCH_CHECK(pr[kHead + r] >= 0 && pr[kHead + r] < O && (r == 0 || pr[kHead + r] >= pr[kHead + r - 1]),
+                  "swp_stripe: plan panel ", p, " row ", r, ": output channel ", pr[kHead + r],
+                  " (must be in [0, ", O, ") and sorted)");
   }
+}
+
+// x (N, C, H, W) float32; packed (panels, C, MR); panels (panels, kHead + MR) int64; phases (P, 2) int64
+at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& panels_,
+                               const at::Tensor& phases_, const std::optional<at::Tensor>& bias_,
+                               const std::optional<at::Tensor>& residual_, int64_t out_channels, int64_t out_h,
+                               int64_t out_w, int64_t sh, int64_t sw, int64_t tile_pixels, int64_t act) {
+  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x: float32 CPU NCHW");
+  TORCH_CHECK(packed_.scalar_type() == at::kFloat && packed_.device().is_cpu(), "packed weights: float32 CPU");
+  TORCH_CHECK(panels_.scalar_type() == at::kLong && phases_.scalar_type() == at::kLong, "plan tensors: int64");
+  TORCH_CHECK(act == kNone || act == kRelu, "act: 0 (none) or 1 (relu)");
+  TORCH_CHECK(sh >= 1 && sw >= 1 && sh < kMaxDim && sw < kMaxDim && tile_pixels >= 1 && out_h >= 0 && out_w >= 0 &&
+                  out_channels >= 0 && out_h < kMaxDim && out_w < kMaxDim,
+              "swp_stripe: bad geometry");
+  const at::Tensor x = x_.contiguous(), packed = packed_.contiguous();
+  const at::Tensor panels = panels_.contiguous(), phases_t = phases_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), Win = x.size(3), O = out_channels;
+  TORCH_CHECK(H < kMaxDim && Win < kMaxDim, "swp_stripe: input too large");
+  check_plan(packed, panels, phases_t, C, O, sh, sw);
+  at::Tensor bias, residual;
   if (bias_.has_value() && bias_->defined()) {
     bias = bias_->contiguous();
-    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == O, "bias: float32 (O,)");
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.numel() == O, "bias: float32 (out_channels,)");
   }
   at::Tensor out = at::empty({N, O, out_h, out_w}, x.options());
   if (residual_.has_value() && residual_->defined()) {
@@ -360,65 +534,105 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
   if (N == 0 || O == 0 || out_h == 0 || out_w == 0) return out;
 
   std::vector<Phase> phases;
-  const int64_t* pi = pinfo.data_ptr<int64_t>();
-  for (int64_t p = 0; p < pinfo.size(0); ++p) {
-    Phase ph{pi[6 * p], pi[6 * p + 1], pi[6 * p + 2], pi[6 * p + 3], pi[6 * p + 4], pi[6 * p + 5], 0, 0};
-    TORCH_CHECK(ph.start >= 0 && ph.count >= 0 && ph.start + ph.count <= w.size(0), "plan phase out of range");
+  const int64_t* pi = phases_t.data_ptr<int64_t>();
+  int64_t per_image = 0;
+  bool flat = true;
+  for (int64_t p = 0; p < phases_t.size(0); ++p) {
+    Phase ph{pi[2 * p], pi[2 * p + 1], 0, 0, per_image};
     ph.hph = H > ph.a ? (H - ph.a + sh - 1) / sh : 0;
-    ph.wph = W > ph.b ? (W - ph.b + sw - 1) / sw : 0;
+    ph.wph = Win > ph.b ? (Win - ph.b + sw - 1) / sw : 0;
+    per_image += C * ph.hph * ph.wph;
+    flat = flat && ph.wph == out_w;
     phases.push_back(ph);
   }
-  const int64_t* pp = ptr.data_ptr<int64_t>();
-  const int64_t* ep = ent.data_ptr<int64_t>();
-  TORCH_CHECK(pp[0] == 0 && pp[O] == ent.size(0), "plan: bad stripe pointers");
-  for (int64_t e = 0; e < ent.size(0); ++e) {
-    const int64_t p = ep[4 * e + 3], local = ep[4 * e];
-    TORCH_CHECK(p >= 0 && p < pinfo.size(0) && local >= 0 && local < phases[p].count, "plan: bad stripe entry");
-  }
-  const Layer L{x.data_ptr<float>(), w.data_ptr<float>(), bias.defined() ? bias.data_ptr<float>() : nullptr,
-                residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), &phases, pp, ep,
-                order.defined() ? order.data_ptr<int64_t>() : nullptr,
-                N, C, H, W, O, w.size(0), out_h, out_w, sh, sw, act};
   const int64_t threads = at::get_num_threads();
-  if (sh == 1 && sw == 1 && H * W <= kSmallPixels && N >= kSmallBatch) {
-    // batch blocks: at least kSmallBatch images, Y within ~1 MB, one block per thread where the batch allows
-    const int64_t per_cache = std::max<int64_t>(kSmallBatch, (1 << 18) / std::max<int64_t>(1, w.size(0) * H * W));
-    const int64_t nb = std::min<int64_t>(per_cache, std::max<int64_t>(kSmallBatch, (N + threads - 1) / threads));
-    const int64_t blocks = (N + nb - 1) / nb;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      Buffers buf;
-      for (int64_t i = begin; i < end; ++i) run_small(i * nb, std::min(nb, N - i * nb), L, buf);
+  const int64_t kblocks = C > 384 ? (C + 255) / 256 : 1, kc = (C + kblocks - 1) / kblocks;
+  if (C <= kFew) {
+    const Layer L{nullptr, 0, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
+                  bias.defined() ? bias.data_ptr<float>() : nullptr,
+                  residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
+                  out_w, act, 0, C};
+    run_few(x.data_ptr<float>(), N, C, H, Win, sh, sw, phases, L, x);
+    return out;
+  }
+  // stride 1: the input is the (only) phase image; else split it into its phase images
+  at::Tensor split;
+  const float* xb = x.data_ptr<float>();
+  int64_t img_stride = C * H * Win;
+  if (sh > 1 || sw > 1) {
+    split = at::empty({std::max<int64_t>(1, N * per_image)}, x.options());
+    float* dst = split.data_ptr<float>();
+    const int64_t P = static_cast<int64_t>(phases.size());
+    at::parallel_for(0, N * P * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t n = i / (P * C), p = (i / C) % P, c = i % C;
+        const Phase& ph = phases[p];
+        const float* src = xb + (n * C + c) * H * Win;
+        float* d = dst + n * per_image + ph.offset + c * ph.hph * ph.wph;
+        for (int64_t u = 0; u < ph.hph; ++u) {
+          const float* row = src + (u * sh + ph.a) * Win + ph.b;
+          for (int64_t v = 0; v < ph.wph; ++v) d[u * ph.wph + v] = row[v * sw];
+        }
+      }
     });
-    return out;
+    xb = dst;
+    img_stride = per_image;
   }
-  // tiles: whole images (several when they are small) or row blocks of one image, at least one per thread
-  const int64_t img = out_h * out_w;
-  int64_t nb = 1, rows = out_h;
-  if (img >= tile_pixels) {
-    rows = std::max<int64_t>(1, tile_pixels / out_w);
-  } else {
-    nb = std::max<int64_t>(1, std::min<int64_t>(N, tile_pixels / img));
-  }
-  auto count = [&]() { return ((N + nb - 1) / nb) * ((out_h + rows - 1) / rows); };
-  if (count() < threads && nb > 1) nb = std::max<int64_t>(1, (N + threads - 1) / threads);
-  if (count() < threads && nb == 1 && out_h > 1) {
-    const int64_t blocks = std::min<int64_t>(out_h, (threads + N - 1) / N);
-    rows = (out_h + blocks - 1) / blocks;
-  }
-  std::vector<Tile> tiles;
-  for (int64_t n0 = 0; n0 < N; n0 += nb)
-    for (int64_t r0 = 0; r0 < out_h; r0 += rows)
-      tiles.push_back({n0, std::min(nb, N - n0), r0, std::min(out_h, r0 + rows)});
+  const Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
+                bias.defined() ? bias.data_ptr<float>() : nullptr,
+                residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
+                out_w, act, split.defined() ? split.numel() : x.numel(), kc};
 
-  const int64_t ntiles = static_cast<int64_t>(tiles.size());
-  if (ntiles == 1) {
-    Buffers buf;
-    run_tile(tiles[0], L, buf);
+  // items: whole images (several when small) or pixel tiles of one image, enough for every thread
+  const int64_t Q = out_h * out_w;
+  std::vector<Item> items;
+  if (Q > tile_pixels) {
+    int64_t tiles = (Q + tile_pixels - 1) / tile_pixels;
+    while ((N * tiles) % threads != 0 && N * tiles < 8 * threads) ++tiles;  // an even split over the threads
+    int64_t step;
+    if (flat) {
+      step = ((Q + tiles - 1) / tiles + W - 1) / W * W;
+    } else {
+      step = std::max<int64_t>(1, (out_h + tiles - 1) / tiles) * out_w;
+    }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t q = 0; q < Q; q += step) items.push_back({n, 1, q, std::min(Q, q + step), 0, O});
+  } else {
+    int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, tile_pixels / std::max<int64_t>(1, Q)));
+    nb = std::min(nb, (N + threads - 1) / threads);
+    for (int64_t n = 0; n < N; n += nb) items.push_back({n, std::min(nb, N - n), 0, Q, 0, O});
+  }
+  // fewer items than threads: split the output channels too, at equal stripe counts
+  const int64_t base_items = static_cast<int64_t>(items.size());
+  if (base_items < threads && O > 1) {
+    const int64_t ranges = std::min<int64_t>(O, (threads + base_items - 1) / base_items);
+    std::vector<int64_t> count(O + 1, 0);
+    const int64_t* pr = L.panels;
+    for (int64_t p = 0; p < L.num_panels; ++p, pr += kHead + MR)
+      for (int64_t r = 0; r < pr[3]; ++r) ++count[pr[kHead + r] + 1];
+    for (int64_t o = 0; o < O; ++o) count[o + 1] += count[o];
+    std::vector<int64_t> cuts{0};
+    for (int64_t g = 1; g < ranges; ++g) {
+      const int64_t target = count[O] * g / ranges;
+      int64_t o = cuts.back() + 1;
+      while (o < O && count[o] < target) ++o;
+      if (o < O) cuts.push_back(o);
+    }
+    cuts.push_back(O);
+    std::vector<Item> split_items;
+    for (const Item& it : items)
+      for (size_t g = 0; g + 1 < cuts.size(); ++g) split_items.push_back({it.n0, it.nb, it.q0, it.q1, cuts[g], cuts[g + 1]});
+    items.swap(split_items);
+  }
+  const int64_t nitems = static_cast<int64_t>(items.size());
+  if (nitems == 1) {
+    Work wk;
+    run_item(items[0], L, flat, wk);
     return out;
   }
-  at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-    Buffers buf;
-    for (int64_t i = begin; i < end; ++i) run_tile(tiles[i], L, buf);
+  at::parallel_for(0, nitems, 1, [&](int64_t begin, int64_t end) {
+    Work wk;
+    for (int64_t i = begin; i < end; ++i) run_item(items[i], L, flat, wk);
   });
   return out;
 }
@@ -426,8 +640,8 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& weight_, 
 }  // namespace
 
 TORCH_LIBRARY(swp_stripe, m) {
-  m.def("forward(Tensor x, Tensor weight, Tensor? rows, Tensor phase_info, Tensor ptr, Tensor entries, Tensor? bias, "
-        "Tensor? residual, int out_h, int out_w, int sh, int sw, int tile_pixels, int act) -> Tensor");
+  m.def("forward(Tensor x, Tensor packed, Tensor panels, Tensor phases, Tensor? bias, Tensor? residual, "
+        "int out_channels, int out_h, int out_w, int sh, int sw, int tile_pixels, int act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(swp_stripe, CPU, m) { m.impl("forward", &stripe_conv_forward); }
