@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -113,6 +114,7 @@ def configuration(dense: nn.Module, stripe: nn.Module, channel: nn.Module, x: to
                                 settle_s=SETTLE_S)
     row.update({f"{k}_ms": round(v, 4) for k, v in times.items()})
     row["rounds"] = rounds
+    row["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other processes on the machine while it timed
     row["deploy"] = deployed.deploy_report.summary()
     row["forward"] = deployed.deploy_report.forward
     row["choices"] = deployed.deploy_report.choices
@@ -137,7 +139,7 @@ def run(args) -> dict:
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": _cores(),
                            "torch": torch.__version__, "onnxruntime": _ort_version(),
                            "cpp_kernel": cpu_kernel.available(), "cpp_error": cpu_kernel.build_error()},
-               "rows": []}
+               "rows": [], "command": getattr(args, "command", "")}
     built: Dict[str, tuple] = {}
     for net, keep, batch in plan(args):
         if net not in built:
@@ -161,6 +163,8 @@ def run(args) -> dict:
             row = {"net": net, "size": size, "keep": keep, "batch": batch, "threads": threads, **counts,
                    **configuration(dense, stripe, channel, x, threads, args.budget, layers)}
             results["rows"].append(row)
+            if args.partial:  # each row as it comes: a run stopped early still leaves its rows
+                Path(args.partial).write_text(json.dumps(results, indent=1) + "\n")
             print(f"{net}@{size} keep {keep:.0%} batch {batch} threads {threads} (ms): "
                   f"ORT dense {row['ort_dense_ms']:.3f}, ORT channel {row['ort_channel_ms']:.3f}, deployed "
                   f"{row['deployed_ms']:.3f} ({row['forward']}), eager {row['deployed_eager_ms']:.3f}; "
@@ -169,8 +173,6 @@ def run(args) -> dict:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
 
 
@@ -213,9 +215,12 @@ def main(argv: List[str] | None = None) -> None:
     args.keep = [float(k) for k in args.keep.split(",") if k]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.threads = [int(t) for t in args.threads.split(",") if t]
-    results: Dict = run(args)
-    results["command"] = " ".join(argv_used)
     json_path = Path(args.json or ROOT / "benchmarks" / "results" / f"latency{'_quick' if args.quick else ''}.json")
+    args.partial = str(json_path.with_suffix(".partial.json"))
+    args.command = " ".join(argv_used)
+    results: Dict = run(args)
+    Path(args.partial).unlink(missing_ok=True)
+    results["command"] = " ".join(argv_used)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     print("\n".join(target_rows(results["rows"], text=True)))

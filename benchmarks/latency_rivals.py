@@ -51,16 +51,18 @@ def prune_channels(dense: nn.Module, x: torch.Tensor, ratio: float) -> nn.Module
 
 
 def channel_pruned(dense: nn.Module, x: torch.Tensor, target_macs: float, rtol: float = 0.01,
-                   steps: int = 12) -> Tuple[nn.Module, float, float]:
-    """The channel-pruned model whose MACs match ``target_macs``: ``(model, ratio, its MACs)``; bisection on the
-    uniform ratio (MACs fall monotonically with it), stopped within ``rtol`` of the target or after ``steps``."""
+                   steps: int = 8) -> Tuple[nn.Module, float, float]:
+    """The channel-pruned model whose MACs match ``target_macs``: ``(model, ratio, its MACs)``. MACs fall
+    monotonically with the uniform ratio, about as ``(1 - ratio)^2``: each step takes the ratio that model
+    predicts from the last result (bisection within the bracket where the prediction leaves it), stopped within
+    ``rtol`` of the target or after ``steps`` prunings (each builds torch-pruning's DependencyGraph: seconds)."""
     full = macs(dense, x[:1])
     if target_macs >= full:
         return copy.deepcopy(dense).eval(), 0.0, full
-    lo, hi = 0.0, 0.95
+    lo, hi = 0.0, 0.99  # MACs(lo) > target > MACs(hi)
+    ratio = 1 - (target_macs / full) ** 0.5
     best = (copy.deepcopy(dense).eval(), 0.0, full)
     for _ in range(steps):
-        ratio = (lo + hi) / 2
         model = prune_channels(dense, x, ratio)
         got = macs(model, x[:1])
         if abs(got - target_macs) < abs(best[2] - target_macs):
@@ -68,6 +70,8 @@ def channel_pruned(dense: nn.Module, x: torch.Tensor, target_macs: float, rtol: 
         if abs(got - target_macs) <= rtol * target_macs:
             break
         lo, hi = (ratio, hi) if got > target_macs else (lo, ratio)
+        guess = 1 - (1 - ratio) * (target_macs / got) ** 0.5
+        ratio = guess if lo < guess < hi else (lo + hi) / 2
     return best
 
 

@@ -10,11 +10,11 @@ the module's own parameters and buffers, so in-place changes (``load_state_dict`
 (``state_dict``, ``repr``, ``swp_plugin.save``, hooks, ``torch.jit.script``, ``torch.compile``, ONNX export).
 
 The eager forward runs instead (same function) whenever the twin could differ from it or cannot run: keyword
-arguments, an input that is not a CPU float32 tensor, training mode, forward hooks (on the model, any submodule
-or global), ``torch.compile`` / ``torch.jit`` tracing / ONNX export / ``torch.fx`` tracing in progress, and once
-a submodule, parameter or buffer was replaced (found through torch's registration hooks and a check of the
-module tree; the twin is then dropped). Not detected: a submodule put in training mode while the model is in
-eval mode (call ``model.train()`` on the whole model).
+arguments, an input that is not a CPU float32 tensor, training mode, forward or backward hooks (on the model,
+any submodule or global), ``torch.compile`` / ``torch.jit`` tracing / ONNX export / ``torch.fx`` tracing in
+progress, and once a submodule, parameter or buffer was replaced (found through torch's registration hooks and a
+check of the module tree; the twin is then dropped). Not detected: a submodule put in training mode while the
+model is in eval mode (call ``model.train()`` on the whole model).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.fx as fx
@@ -32,7 +32,8 @@ from torch.nn.modules import module as _module
 #: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
 _GENERATION = [0]
 _HOOKS_INSTALLED = [False]
-_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks)
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+                 _module._global_backward_pre_hooks)
 
 
 @dataclass
@@ -82,7 +83,7 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         return False
     if twin.generation != _GENERATION[0]:  # something registered a module or tensor somewhere: is it ours?
         if _fingerprint(gm) != twin.fingerprint:
-            del _TWINS[gm]
+            _TWINS.pop(gm, None)
             return False
         twin.generation = _GENERATION[0]
     return True
@@ -143,7 +144,8 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     finally:
         gm.train(was_training)
     _install_hooks()
-    hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+    hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                                    m._backward_pre_hooks)]
     _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts)
     return form
 
@@ -151,11 +153,3 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
 def detach_twin(gm: nn.Module) -> None:
     """Drop ``gm``'s TorchScript twin (its forward stays eager)."""
     _TWINS.pop(gm, None)
-
-
-def twin_forms() -> Dict[str, int]:
-    """How many live models run each twin form (diagnostics)."""
-    forms: Dict[str, int] = {}
-    for twin in _TWINS.values():
-        forms[twin.form] = forms.get(twin.form, 0) + 1
-    return forms

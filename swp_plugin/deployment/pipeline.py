@@ -102,7 +102,8 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
 def deploy_from_choices(model: nn.Module, example_shapes: List[Tuple[List[int], str]], choices: Dict[str, str],
                         dense_convs: bool = True, fuse: bool = True, torchscript: bool = True) -> nn.Module:
     """The graph passes of :func:`deploy` replayed from recorded choices, deterministically: no timing, no forward
-    pass on data (shapes for the epilogue fusion are propagated on fake tensors), no output check.
+    pass on data (shapes for the epilogue fusion are propagated on fake tensors; only a model ``torch.fx`` cannot
+    trace runs once on zeros of the recorded shapes, for torch-pruning's DependencyGraph), no output check.
 
     ``model``: the undeployed structure (its tensor values are not used for any decision: load the deployed
     ``state_dict`` into the result); ``example_shapes``: ``[(shape, dtype name), ...]`` of the positional inputs
