@@ -93,16 +93,16 @@ def layer_lines(rows: List[dict]) -> List[str]:
         kept = sum(c["kept_mmacs"] for c in layers)
         dense = sum(c["dense_mmacs"] for c in layers)
         lines += [f"### {_label(r)}", "",
-                  f"Convs alone: deployed {dep:.3f} ms for {kept / 1e3:.3f} GMACs kept ({kept / dep / 1e3:.0f} "
-                  f"GMAC/s); ONNX Runtime dense {ort:.3f} ms for {dense / 1e3:.3f} GMACs ({dense / ort / 1e3:.0f} "
+                  f"Convs alone: deployed {dep:.3f} ms for {kept / 1e3:.3f} GMACs kept ({kept / dep:.1f} "
+                  f"GMAC/s); ONNX Runtime dense {ort:.3f} ms for {dense / 1e3:.3f} GMACs ({dense / ort:.1f} "
                   f"GMAC/s); share of the ideal {ort * kept / dense / dep:.0%}.", "",
                   "| layer | impl | k, stride | C_in -> C_out @ H_out x W_out | kept / dense MMACs | deployed (ms) | "
                   "GMAC/s | ORT dense (ms) | ORT GMAC/s | of ideal |", "| --- " * 10 + "|"]
         for c in layers:
             lines.append(f"| {c['layer']} | {c['impl']} | {c['kernel'][0]}x{c['kernel'][1]}, {c['stride'][0]} | "
                          f"{c['c_in']} -> {c['c_out']} @ {c['out_hw'][0]}x{c['out_hw'][1]} | {c['kept_mmacs']:.1f} / "
-                         f"{c['dense_mmacs']:.1f} | {c['deployed_ms']:.3f} | {c['deployed_gmacs']:.0f} | "
-                         f"{c['ort_dense_ms']:.3f} | {c['ort_gmacs']:.0f} | {c['share_of_ideal']:.0%} |")
+                         f"{c['dense_mmacs']:.1f} | {c['deployed_ms']:.3f} | {c['deployed_gmacs']:.1f} | "
+                         f"{c['ort_dense_ms']:.3f} | {c['ort_gmacs']:.1f} | {c['share_of_ideal']:.0%} |")
         lines.append("")
     return lines
 
@@ -155,7 +155,13 @@ def readme_table(results: Dict) -> str:
         lines.append(f"{label:34}{r['ort_dense_ms']:>10.2f}{r['ort_channel_ms']:>13.2f}{r['deployed_ms']:>10.2f}"
                      f"{vs_dense:>10}{vs_channel:>12}{q['of_ideal']:>10.0%}")
     lines += ["(ms; random skeletons; ORT channel = channel-pruned to the same MACs, in ONNX Runtime; "
-              f"`{results['command']}`)", "```"]
+              f"`{results['command']}`)"]
+    loads = [r["load_avg_1min"] for r in results["rows"] if "load_avg_1min" in r]
+    cores = results["machine"].get("cores") or 1
+    if loads and max(loads) > 1.5 * cores:
+        lines.append(f"(a loaded machine: load average {min(loads):.0f}-{max(loads):.0f} on {cores} cores while it "
+                     "timed; the ratios are distorted, rerun it on a quiet machine)")
+    lines.append("```")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ the report's ratios and targets, and the smoke path of the whole benchmark (tiny
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def nets():
     dense = resnet56(width=0.5).eval()
     x = torch.randn(1, 3, 16, 16)
     calibrate_bn(dense, torch.randn(4, 3, 16, 16))
-    return dense, random_stripe_model(dense, 0.3).eval(), x
+    return dense, random_stripe_model(copy.deepcopy(dense), 0.3).eval(), x  # it converts in place
 
 
 def test_channel_pruned_rival_matches_the_stripe_models_macs(nets):
