@@ -24,6 +24,7 @@ from timm.layers import BatchNormAct2d, get_notrace_functions, is_notrace_module
 from ..layers.deployed import DeployedStripeConv2d
 from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
+from .forward import DeployedGraphModule
 
 _BN = nn.modules.batchnorm._BatchNorm
 LEAVES = (nn.Conv2d, StripeConv2d, DeployedStripeConv2d, _BN)
@@ -44,12 +45,13 @@ class DeployTracer(fx.Tracer):
         return isinstance(m, LEAVES) or is_notrace_module(type(m)) or super().is_leaf_module(m, module_qualified_name)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """An ``fx.GraphModule`` of ``model`` (raises what ``torch.fx`` raises for untraceable models)."""
+def trace(model: nn.Module) -> DeployedGraphModule:
+    """A :class:`~.forward.DeployedGraphModule` (an ``fx.GraphModule``) of ``model`` (raises what ``torch.fx``
+    raises for untraceable models)."""
     graph = DeployTracer().trace(model)
     for node in graph.nodes:  # annotations name aliases TorchScript cannot resolve; Tensor is its default
         node.type = None
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return DeployedGraphModule(model, graph, class_name=type(model).__name__)
 
 
 def bn_scale_shift(bn: _BN) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -10,11 +10,15 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    implementation is measured once on the layer's input for the example's shape and this thread count: the
    compiled stripe kernel (:class:`.DeployedStripeConv2d`) or PyTorch's dense convolution (``nn.Conv2d``).
    The kernel must win by :data:`MARGIN`.
-3. ReLUs and residual adds after a kernel layer move into its epilogue.
+3. ReLUs and residual adds after a kernel layer move into its epilogue (shapes propagated on fake tensors).
 4. The deployed model's outputs are compared with the original's on the example and on a random batch of the
    same shape (``max|diff|/max|y| <= tolerance``), as ``StripePruner.step()`` does; a mismatch raises.
+5. Where a layer runs on the kernel, the traced model gets a TorchScript twin (:mod:`.forward`): plain
+   inference calls run without Python between layers (what ``torch.jit.script`` + ``freeze`` gave by hand), and
+   step 4 checks that form too.
 
-``deployed.deploy_report`` says what was folded, chosen (with the times) and fused.
+``deployed.deploy_report`` says what was folded, chosen (with the times), fused and what runs the forward.
+Steps 1, 3 and 5 with recorded choices instead of step 2: :func:`deploy_from_choices` (no timing, no data).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
@@ -36,6 +41,7 @@ from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
+from .forward import attach_twin, detach_twin
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
 
 #: the kernel replaces PyTorch's dense convolution only if it is at least this much faster
@@ -47,7 +53,9 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 @dataclass
 class DeployReport:
     """What :func:`deploy` did: ``folded`` (conv, norm) pairs, per-layer ``choices`` (name, implementation,
-    times in ms), ``fused`` epilogues, ``threads``, ``traced`` (torch.fx) and ``notes``."""
+    times in ms), ``fused`` epilogues, ``threads``, ``traced`` (torch.fx), ``notes`` and ``forward``: what runs a
+    plain inference call (``'frozen'`` / ``'scripted'``: the TorchScript twin, :mod:`.forward`; else
+    ``'eager (why)'``)."""
 
     threads: int
     traced: bool = False
@@ -55,17 +63,18 @@ class DeployReport:
     choices: List[Dict] = field(default_factory=list)
     fused: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    forward: str = "eager"
 
     def summary(self) -> str:
         kernel = sum(c["impl"] == "kernel" for c in self.choices)
         return (f"{len(self.folded)} BatchNorms folded, {kernel}/{len(self.choices)} convs on the stripe kernel, "
                 f"{len(self.fused)} epilogues fused ({self.threads} threads"
-                f"{', torch.fx' if self.traced else ', no torch.fx trace'})")
+                f"{', torch.fx' if self.traced else ', no torch.fx trace'}; forward: {self.forward})")
 
 
 def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_convs: bool = True,
            fuse: bool = True, verify: bool = True, tolerance: float | None = None,
-           choices: Dict[str, str] | None = None) -> nn.Module:
+           choices: Dict[str, str] | None = None, torchscript: bool = True) -> nn.Module:
     """Return a copy of ``model`` fixed for inference on this machine (see the module docstring).
 
     Args:
@@ -77,6 +86,8 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
         verify: compare outputs with ``model``'s; ``tolerance`` defaults to 1e-4 (float32).
         choices: layer name -> ``'kernel'`` / ``'dense'`` instead of measuring (``swp_plugin.load`` rebuilds a
             saved deployed model from its recorded choices without deploying again: :mod:`.rebuild`).
+        torchscript: plain inference calls of the returned model run its TorchScript twin (no Python between
+            layers; :mod:`.forward`), where the model traces and scripts; ``False``: the eager forward only.
     """
     _check_deployable(model)
     for i, arg in enumerate(_as_args(example_inputs)):
@@ -88,21 +99,59 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices)
+        return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices, torchscript)
     finally:
         torch.set_num_threads(previous)
 
 
-def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices) -> nn.Module:
-    report = DeployReport(threads=torch.get_num_threads())
-    source = {"structure": describe(model), "dense_convs": dense_convs, "fuse": fuse,
-              "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
-              "example": [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in _as_args(example_inputs)]}
+def deploy_from_choices(model: nn.Module, example_shapes: List[Tuple[List[int], str]], choices: Dict[str, str],
+                        dense_convs: bool = True, fuse: bool = True, torchscript: bool = True) -> nn.Module:
+    """The graph passes of :func:`deploy` replayed from recorded choices, deterministically: no timing, no forward
+    pass on data (shapes for the epilogue fusion are propagated on fake tensors; only a model ``torch.fx`` cannot
+    trace runs once on zeros of the recorded shapes, for torch-pruning's DependencyGraph), no output check.
+
+    ``model``: the undeployed structure (its tensor values are not used for any decision: load the deployed
+    ``state_dict`` into the result); ``example_shapes``: ``[(shape, dtype name), ...]`` of the positional inputs
+    (``deployed.deploy_source['example']``); ``choices``: layer name -> ``'kernel'`` / ``'dense'``
+    (``deployed.deploy_source['choices']``; a layer not named is dense). The result's ``deploy_report`` has the
+    choices without times.
+    """
+    _check_deployable(model)
+    for name, impl in choices.items():
+        if impl not in ("kernel", "dense"):
+            raise ValueError(f"recorded choice for layer '{name}' is {impl!r}: expected 'kernel' or 'dense'")
+    deployed, report = _passes(model, None, example_shapes, dense_convs, fuse, choices)
+    _finish_deploy(deployed, report, model, example_shapes, dense_convs, fuse, torchscript)
+    return deployed
+
+
+def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices, torchscript) -> nn.Module:
+    shapes = [[list(t.shape), str(t.dtype).removeprefix("torch.")] for t in _as_args(example_inputs)]
     was_training = model.training
     probes = probe_inputs(example_inputs)
     with torch.no_grad():
         reference = [flat_outputs(run_model(model.eval(), p)) for p in probes]
     model.train(was_training)
+    deployed, report = _passes(model, example_inputs, shapes, dense_convs, fuse, choices)
+    tol = None
+    if verify:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        tol = tolerance or TOLERANCE.get(dtype, 1e-2)
+        _verify(deployed, probes, reference, tol)  # the eager forward
+    _finish_deploy(deployed, report, model, shapes, dense_convs, fuse, torchscript)
+    if verify and report.forward != "eager":
+        try:
+            _verify(deployed, probes, reference, tol)  # the TorchScript twin
+        except RuntimeError:
+            detach_twin(deployed)
+            raise
+    return deployed
+
+
+def _passes(model: nn.Module, example_inputs, shapes, dense_convs: bool, fuse: bool,
+            choices: Dict[str, str] | None) -> Tuple[nn.Module, DeployReport]:
+    """Trace, fold, choose (measured on ``example_inputs``, or from ``choices``), fuse: a new deployed model."""
+    report = DeployReport(threads=torch.get_num_threads())
     deployed: nn.Module = copy.deepcopy(model).eval()
     try:
         deployed = trace(deployed)
@@ -110,20 +159,37 @@ def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices
     except Exception as err:  # any tracing failure: deploy the module tree as it is
         report.notes.append(f"torch.fx could not trace the model ({type(err).__name__}: {str(err)[:160]}); "
                             "BatchNorms folded through the DependencyGraph, no epilogue fusion")
-    if fuse:
-        report.folded = (fold_batchnorms(deployed) if report.traced
-                         else _fold_without_trace(deployed, example_inputs))
+    if fuse and report.traced:
+        report.folded = fold_batchnorms(deployed)
+    elif fuse:
+        report.folded = _fold_without_trace(deployed, example_inputs if example_inputs is not None
+                                            else _zeros(shapes))
     _choose_implementations(deployed, example_inputs, dense_convs, report, choices)
     if fuse and report.traced and any(c["impl"] == "kernel" for c in report.choices):
         with torch.no_grad():
-            ShapeProp(deployed).propagate(*_as_args(example_inputs))
+            ShapeProp(deployed, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*_zeros(shapes))
         report.fused = fuse_epilogues(deployed)
-    if verify:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        _verify(deployed, probes, reference, tolerance or TOLERANCE.get(dtype, 1e-2))
+    return deployed, report
+
+
+def _finish_deploy(deployed: nn.Module, report: DeployReport, model: nn.Module, shapes, dense_convs: bool,
+                   fuse: bool, torchscript: bool) -> None:
+    """The TorchScript twin (where the kernel runs) and what a saved deployed model records."""
+    if not torchscript:
+        report.forward = "eager (torchscript=False)"
+    elif not any(c["impl"] == "kernel" for c in report.choices):
+        report.forward = "eager (no layer on the stripe kernel)"
+    else:
+        form = attach_twin(deployed)
+        report.forward = form if not form.startswith("eager") else f"eager ({form[7:]})"
     deployed.deploy_report = report
-    deployed.deploy_source = {**source, "choices": {c["layer"]: c["impl"] for c in report.choices}}
-    return deployed
+    deployed.deploy_source = {"structure": describe(model), "dense_convs": dense_convs, "fuse": fuse,
+                              "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+                              "example": shapes, "choices": {c["layer"]: c["impl"] for c in report.choices}}
+
+
+def _zeros(shapes) -> tuple:
+    return tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for shape, dtype in shapes)
 
 
 def jit_load(path, map_location=None) -> torch.jit.ScriptModule:
@@ -177,8 +243,42 @@ def _candidates(model: nn.Module, dense_convs: bool) -> Dict[str, nn.Module]:
 @torch.no_grad()  # not inference mode: the modules made here must be plain tensors
 def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool, report: DeployReport,
                             given: Dict[str, str] | None) -> None:
+    """Per candidate layer: measured on its input from ``example_inputs``, or as ``given`` (no forward pass)."""
     layers = _candidates(model, dense_convs)
+    inputs = _layer_inputs(model, layers, example_inputs) if given is None else {}
+    kernel_ok = cpu_kernel.available()
+    for name, layer in layers.items():
+        stripe = layer if isinstance(layer, StripeConv2d) else StripeConv2d.from_dense(layer)
+        dense = layer.to_dense() if isinstance(layer, StripeConv2d) else layer
+        x = inputs.get(name)
+        if given is not None:
+            weight = stripe.weight
+            why = ("no kernel" if not kernel_ok else None if weight.dtype == torch.float32 and weight.device.type
+                   == "cpu" else f"{weight.dtype} on {weight.device.type}")
+        else:
+            why = ("not run" if x is None else "no kernel" if not kernel_ok else None
+                   if x.dtype == torch.float32 and x.device.type == "cpu" else f"{x.dtype} on {x.device.type}")
+        if why is not None or (given is not None and given.get(name, "dense") == "dense"):
+            _swap(model, name, dense)
+            report.choices.append({"layer": name, "impl": "dense", **({"why": why} if why else {})})
+            continue
+        candidate = DeployedStripeConv2d.from_stripe(stripe)
+        choice = {"layer": name, "stripes": stripe.num_stripes,
+                  "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]}
+        if given is not None:
+            choice["impl"] = "kernel"
+        else:
+            times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
+            choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
+                          dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
+        _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
+        report.choices.append(choice)
+
+
+def _layer_inputs(model: nn.Module, layers: Dict[str, nn.Module], example_inputs) -> Dict[str, torch.Tensor]:
+    """Each layer's first input when ``model`` runs on ``example_inputs``."""
     inputs: Dict[str, torch.Tensor] = {}
+
     def keep(name: str):
         def hook(module, args, output) -> None:  # returns None: the output stays
             inputs.setdefault(name, args[0])
@@ -190,27 +290,7 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
     finally:
         for h in handles:
             h.remove()
-    kernel_ok = cpu_kernel.available()
-    for name, layer in layers.items():
-        x = inputs.get(name)
-        stripe = layer if isinstance(layer, StripeConv2d) else StripeConv2d.from_dense(layer)
-        dense = layer.to_dense() if isinstance(layer, StripeConv2d) else layer
-        if x is None or not kernel_ok or x.dtype != torch.float32 or x.device.type != "cpu":
-            why = "not run" if x is None else "no kernel" if not kernel_ok else f"{x.dtype} on {x.device.type}"
-            _swap(model, name, dense)
-            report.choices.append({"layer": name, "impl": "dense", "why": why})
-            continue
-        candidate = DeployedStripeConv2d.from_stripe(stripe)
-        choice = {"layer": name, "stripes": stripe.num_stripes,
-                  "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]}
-        if given is not None:
-            choice["impl"] = given.get(name, "dense")
-        else:
-            times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
-            choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
-                          dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
-        _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
-        report.choices.append(choice)
+    return inputs
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,0 +1,155 @@
+"""The deployed model's forward without Python between layers: a ``torch.fx`` GraphModule with a TorchScript twin.
+
+At batch 1 an eager deployed net pays Python per layer (``nn.Module.__call__``, the generated fx code, each
+layer's ``forward``): on ResNet56 at 32x32, more than half of its time. :class:`DeployedGraphModule` is the
+``fx.GraphModule`` that :func:`swp_plugin.deploy` returns; :func:`attach_twin` gives it a TorchScript form of
+itself (``torch.jit.script``, then ``torch.jit.freeze`` where freezing keeps every weight as the very tensor the
+module owns) that a plain inference call runs instead of the Python code. Nothing is copied: the twin reads
+the module's own parameters and buffers, so in-place changes (``load_state_dict``, ``param.data = ...``,
+``.to(dtype)``) are seen by both. The module stays the one owner of the state and an ordinary ``nn.Module``
+(``state_dict``, ``repr``, ``swp_plugin.save``, hooks, ``torch.jit.script``, ``torch.compile``, ONNX export).
+
+The eager forward runs instead (same function) whenever the twin could differ from it or cannot run: keyword
+arguments, an input that is not a CPU float32 tensor, training mode, forward or backward hooks (on the model,
+any submodule or global), ``torch.compile`` / ``torch.jit`` tracing / ONNX export / ``torch.fx`` tracing in
+progress, and once a submodule, parameter or buffer was replaced (found through torch's registration hooks and a
+check of the module tree; the twin is then dropped). Not detected: a submodule put in training mode while the
+model is in eval mode (call ``model.train()`` on the whole model).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Callable, List, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.nn.modules import module as _module
+
+#: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
+_GENERATION = [0]
+_HOOKS_INSTALLED = [False]
+_GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
+                 _module._global_backward_pre_hooks)
+
+
+@dataclass
+class _Twin:
+    script: Callable
+    form: str  # 'frozen' or 'scripted'
+    generation: int
+    fingerprint: Tuple[int, ...]
+    hook_dicts: List[dict]
+
+
+_TWINS: weakref.WeakKeyDictionary[nn.Module, _Twin] = weakref.WeakKeyDictionary()
+
+
+class DeployedGraphModule(fx.GraphModule):
+    """``fx.GraphModule`` whose plain inference calls run its TorchScript twin (see the module docstring)."""
+
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "forward_form"]
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or kwargs or self.training:
+            return super().__call__(*args, **kwargs)
+        twin = _TWINS.get(self)
+        if twin is None or not _usable(self, twin, args):
+            return super().__call__(*args, **kwargs)
+        return twin.script(*args)
+
+    def __deepcopy__(self, memo):
+        res = super().__deepcopy__(memo)
+        twin = _TWINS.get(self)
+        if twin is not None:
+            attach_twin(res, freeze=twin.form == "frozen")
+        return res
+
+    @property
+    def forward_form(self) -> str:
+        """``'frozen'`` / ``'scripted'`` (the TorchScript twin runs plain inference calls) or ``'eager'``."""
+        twin = _TWINS.get(self)
+        return "eager" if twin is None else twin.form
+
+
+def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
+    for a in args:
+        if not isinstance(a, torch.Tensor) or a.device.type != "cpu" or a.dtype != torch.float32:
+            return False
+    if any(twin.hook_dicts) or any(_GLOBAL_HOOKS) or torch.onnx.is_in_onnx_export():
+        return False
+    if twin.generation != _GENERATION[0]:  # something registered a module or tensor somewhere: is it ours?
+        if _fingerprint(gm) != twin.fingerprint:
+            _TWINS.pop(gm, None)
+            return False
+        twin.generation = _GENERATION[0]
+    return True
+
+
+def _bump(*_args) -> None:
+    _GENERATION[0] += 1
+
+
+def _install_hooks() -> None:
+    if not _HOOKS_INSTALLED[0]:
+        _module.register_module_module_registration_hook(_bump)
+        _module.register_module_parameter_registration_hook(_bump)
+        _module.register_module_buffer_registration_hook(_bump)
+        _HOOKS_INSTALLED[0] = True
+
+
+def _fingerprint(gm: nn.Module) -> Tuple[int, ...]:
+    """Identity of every submodule, parameter and buffer (what the twin holds references to)."""
+    ids: List[int] = []
+    for m in gm.modules():
+        ids.append(id(m))
+        ids.extend(id(t) for t in m._parameters.values())
+        ids.extend(id(t) for t in m._buffers.values())
+    return tuple(ids)
+
+
+def _shares_state(frozen: torch.jit.ScriptModule, gm: nn.Module) -> bool:
+    """True if every tensor constant of ``frozen``'s graph is (a view of) a parameter or buffer of ``gm``: freezing
+    then derived nothing (no folded or transposed copy that an in-place change of the weights would leave stale)."""
+    own = {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers()) if t.numel()}
+    for node in frozen.graph.nodes():
+        if node.kind() == "prim::Constant" and isinstance(node.output().type(), torch._C.TensorType):
+            value = node.output().toIValue()
+            if value is not None and value.numel() and value.untyped_storage().data_ptr() not in own:
+                return False
+    return True
+
+
+def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
+    """Give ``gm`` (eval mode, CPU) its TorchScript twin; returns the form (``'frozen'``, ``'scripted'``) or why
+    there is none (``'eager: ...'``). Frozen only where freezing derived no tensor (:func:`_shares_state`)."""
+    if not isinstance(gm, DeployedGraphModule):
+        return "eager: not a torch.fx trace"
+    was_training = gm.training
+    gm.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript's deprecation notices
+            script = torch.jit.script(gm)
+            form = "scripted"
+            if freeze:
+                frozen = torch.jit.freeze(script, optimize_numerics=False)
+                if _shares_state(frozen, gm):
+                    script, form = frozen, "frozen"
+    except Exception as err:  # noqa: BLE001 - any scripting failure: the eager forward stays
+        return f"eager: torch.jit.script failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    finally:
+        gm.train(was_training)
+    _install_hooks()
+    hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
+                                                    m._backward_pre_hooks)]
+    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts)
+    return form
+
+
+def detach_twin(gm: nn.Module) -> None:
+    """Drop ``gm``'s TorchScript twin (its forward stays eager)."""
+    _TWINS.pop(gm, None)

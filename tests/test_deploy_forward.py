@@ -1,0 +1,114 @@
+"""The form of the model ``deploy()`` returns (swp_plugin.deployment.forward): plain inference calls run its
+TorchScript twin, the same function as the eager forward; the twin reads the module's own tensors, steps aside for
+hooks, training, compile, ONNX export, and is dropped when the module tree changes; ``deploy_from_choices``
+replays the graph passes without data."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from swp_plugin.deployment import DeployedGraphModule, deploy, deploy_from_choices
+from swp_plugin.layers.kernels import cpu as cpu_kernel
+from swp_plugin.models import resnet56
+from swp_plugin.testing import calibrate_bn, random_stripe_model, rel_err
+
+needs_cpp = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no compiled kernel: {cpu_kernel.build_error()}")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = random_stripe_model(resnet56(width=0.5).eval(), 0.3)
+    calibrate_bn(model, torch.randn(4, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    forced = {n: "kernel" for n, m in model.named_modules() if hasattr(m, "stripe_out")}
+    return model.eval(), x, forced
+
+
+def _eager(deployed: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The output of the eager forward (a forward hook makes the call take it) and whether the hook ran."""
+    ran = []
+    handle = deployed.register_forward_hook(lambda m, i, o: ran.append(True))
+    try:
+        return deployed(x), bool(ran)
+    finally:
+        handle.remove()
+
+
+@needs_cpp
+@torch.no_grad()
+def test_deployed_model_runs_its_twin_and_matches_the_eager_forward(setup):
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    assert isinstance(deployed, DeployedGraphModule) and deployed.forward_form in ("frozen", "scripted")
+    assert deployed.deploy_report.forward == deployed.forward_form
+    assert f"forward: {deployed.forward_form}" in deployed.deploy_report.summary()
+    eager, hooked = _eager(deployed, x)
+    assert hooked and rel_err(deployed(x), eager) < 1e-6 and rel_err(model(x), deployed(x)) < 1e-4
+    plain = deploy(model, x, choices=forced, torchscript=False)
+    assert plain.forward_form == "eager" and plain.deploy_report.forward.startswith("eager")
+    assert rel_err(plain(x), deployed(x)) < 1e-6
+    assert set(deployed.state_dict()) == set(plain.state_dict())  # a normal module: same state, same names
+    assert "DeployedStripeConv2d" in repr(deployed)
+
+
+@needs_cpp
+@torch.no_grad()
+def test_twin_reads_the_modules_own_tensors(setup):
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    before = deployed(x)
+    state = {k: v * 0.5 if v.is_floating_point() else v for k, v in deployed.state_dict().items()}
+    deployed.load_state_dict(state)  # in place
+    after = deployed(x)
+    eager, _ = _eager(deployed, x)
+    assert deployed.forward_form != "eager" and rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+
+
+@needs_cpp
+@torch.no_grad()
+def test_twin_is_dropped_when_a_submodule_is_replaced(setup):
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    fc = deployed.get_submodule("fc")
+    deployed.fc = nn.Linear(fc.in_features, fc.out_features)
+    y = deployed(x)
+    assert deployed.forward_form == "eager"
+    assert rel_err(y, _eager(deployed, x)[0]) < 1e-6
+
+
+@needs_cpp
+@torch.no_grad()
+def test_training_mode_copies_and_compile_take_the_right_path(setup):
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    y = deployed(x)
+    assert deployed.train().forward_form != "eager"  # the twin stays, unused in training mode
+    deployed.eval()
+    copied = copy.deepcopy(deployed)
+    assert copied.forward_form == deployed.forward_form and rel_err(copied(x), y) < 1e-6
+    compiled = torch.compile(deployed, backend="eager", fullgraph=True)
+    assert rel_err(compiled(x), y) < 1e-6
+    scripted = torch.jit.script(deployed)
+    assert rel_err(scripted(x), y) < 1e-6
+
+
+@needs_cpp
+@torch.no_grad()
+def test_deploy_from_choices_replays_the_passes_without_data(setup):
+    model, x, _ = setup
+    deployed = deploy(model, x)
+    source = deployed.deploy_source
+    rebuilt = deploy_from_choices(copy.deepcopy(model), source["example"], source["choices"],
+                                  dense_convs=source["dense_convs"], fuse=source["fuse"])
+    assert rebuilt.deploy_source["choices"] == source["choices"]
+    assert rebuilt.deploy_report.fused == deployed.deploy_report.fused
+    assert rebuilt.deploy_report.folded == deployed.deploy_report.folded
+    rebuilt.load_state_dict(deployed.state_dict())
+    assert rel_err(rebuilt(x), deployed(x)) < 1e-6
+    with pytest.raises(ValueError, match="expected 'kernel' or 'dense'"):
+        deploy_from_choices(model, source["example"], {"fc": "fast"})
