@@ -1,7 +1,6 @@
 """The form of the model ``deploy()`` returns (swp_plugin.deployment.forward): plain inference calls run its
 TorchScript twin, the same function as the eager forward; the twin reads the module's own tensors, steps aside for
-hooks, training, compile, ONNX export, and is dropped when the module tree changes; ``deploy_from_choices``
-replays the graph passes without data."""
+hooks, training, compile, ONNX export, and is dropped when the module tree changes; a deployed file loaded with ``swp_plugin.load`` runs its twin too."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from swp_plugin.deployment import DeployedGraphModule, deploy, deploy_from_choices
+from swp_plugin.deployment import DeployedGraphModule, deploy
 from swp_plugin.layers.kernels import cpu as cpu_kernel
 from swp_plugin.models import resnet56
 from swp_plugin.testing import calibrate_bn, random_stripe_model, rel_err
@@ -99,16 +98,16 @@ def test_training_mode_copies_and_compile_take_the_right_path(setup):
 
 @needs_cpp
 @torch.no_grad()
-def test_deploy_from_choices_replays_the_passes_without_data(setup):
+def test_a_loaded_deployed_model_runs_its_twin_too(setup, tmp_path):
+    """swp_plugin.load rebuilds a deployed file from its recorded choices (no timing, no data) and returns the same
+    fast form as deploy() (the TorchScript twin), with the same outputs."""
+    import swp_plugin
+
     model, x, _ = setup
     deployed = deploy(model, x)
-    source = deployed.deploy_source
-    rebuilt = deploy_from_choices(copy.deepcopy(model), source["example"], source["choices"],
-                                  dense_convs=source["dense_convs"], fuse=source["fuse"])
-    assert rebuilt.deploy_source["choices"] == source["choices"]
-    assert rebuilt.deploy_report.fused == deployed.deploy_report.fused
-    assert rebuilt.deploy_report.folded == deployed.deploy_report.folded
-    rebuilt.load_state_dict(deployed.state_dict())
-    assert rel_err(rebuilt(x), deployed(x)) < 1e-6
-    with pytest.raises(ValueError, match="expected 'kernel' or 'dense'"):
-        deploy_from_choices(model, source["example"], {"fc": "fast"})
+    swp_plugin.save(deployed, tmp_path / "dep.pt")
+    loaded = swp_plugin.load(tmp_path / "dep.pt", resnet56(width=0.5))  # a fresh, unpruned instance
+    assert isinstance(loaded, DeployedGraphModule)
+    assert loaded.deploy_source["choices"] == deployed.deploy_source["choices"]
+    assert loaded.forward_form == deployed.forward_form != "eager"
+    assert rel_err(loaded(x), deployed(x)) < 1e-6

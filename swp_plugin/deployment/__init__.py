@@ -3,6 +3,6 @@ ReLU / residual adds fused into the stripe kernel), and its ONNX export."""
 
 from ..layers.deployed import DeployedStripeConv2d
 from .forward import DeployedGraphModule
-from .pipeline import DeployReport, deploy, deploy_from_choices, jit_load
+from .pipeline import DeployReport, deploy, jit_load
 
-__all__ = ["DeployReport", "DeployedGraphModule", "DeployedStripeConv2d", "deploy", "deploy_from_choices", "jit_load"]
+__all__ = ["DeployReport", "DeployedGraphModule", "DeployedStripeConv2d", "deploy", "jit_load"]

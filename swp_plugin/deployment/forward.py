@@ -29,6 +29,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
+from ..layers.deployed import DeployedStripeConv2d
+
 #: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
 _GENERATION = [0]
 _HOOKS_INSTALLED = [False]
@@ -43,6 +45,7 @@ class _Twin:
     generation: int
     fingerprint: Tuple[int, ...]
     hook_dicts: List[dict]
+    kernel_layers: List[DeployedStripeConv2d]  # their packed weights are refreshed before every call
 
 
 _TWINS: weakref.WeakKeyDictionary[nn.Module, _Twin] = weakref.WeakKeyDictionary()
@@ -86,6 +89,8 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
             _TWINS.pop(gm, None)
             return False
         twin.generation = _GENERATION[0]
+    for layer in twin.kernel_layers:  # a weight written in place since: pack again (nothing derived goes stale)
+        layer.refresh()
     return True
 
 
@@ -146,7 +151,8 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     _install_hooks()
     hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
                                                     m._backward_pre_hooks)]
-    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts)
+    layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
+    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, layers)
     return form
 
 

@@ -18,7 +18,7 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    step 4 checks that form too.
 
 ``deployed.deploy_report`` says what was folded, chosen (with the times), fused and what runs the forward.
-Steps 1, 3 and 5 with recorded choices instead of step 2: :func:`deploy_from_choices` (no timing, no data).
+Steps 1, 3 and 5 with recorded choices instead of step 2: :func:`swp_plugin.deployment.rebuild.rebuild` (no timing, no data).
 """
 
 from __future__ import annotations
@@ -102,27 +102,6 @@ def deploy(model: nn.Module, example_inputs, threads: int | None = None, dense_c
         return _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices, torchscript)
     finally:
         torch.set_num_threads(previous)
-
-
-def deploy_from_choices(model: nn.Module, example_shapes: List[Tuple[List[int], str]], choices: Dict[str, str],
-                        dense_convs: bool = True, fuse: bool = True, torchscript: bool = True) -> nn.Module:
-    """The graph passes of :func:`deploy` replayed from recorded choices, deterministically: no timing, no forward
-    pass on data (shapes for the epilogue fusion are propagated on fake tensors; only a model ``torch.fx`` cannot
-    trace runs once on zeros of the recorded shapes, for torch-pruning's DependencyGraph), no output check.
-
-    ``model``: the undeployed structure (its tensor values are not used for any decision: load the deployed
-    ``state_dict`` into the result); ``example_shapes``: ``[(shape, dtype name), ...]`` of the positional inputs
-    (``deployed.deploy_source['example']``); ``choices``: layer name -> ``'kernel'`` / ``'dense'``
-    (``deployed.deploy_source['choices']``; a layer not named is dense). The result's ``deploy_report`` has the
-    choices without times.
-    """
-    _check_deployable(model)
-    for name, impl in choices.items():
-        if impl not in ("kernel", "dense"):
-            raise ValueError(f"recorded choice for layer '{name}' is {impl!r}: expected 'kernel' or 'dense'")
-    deployed, report = _passes(model, None, example_shapes, dense_convs, fuse, choices)
-    _finish_deploy(deployed, report, model, example_shapes, dense_convs, fuse, torchscript)
-    return deployed
 
 
 def _deploy(model, example_inputs, dense_convs, fuse, verify, tolerance, choices, torchscript) -> nn.Module:

@@ -85,13 +85,30 @@ class DeployedStripeConv2d(nn.Module):
         top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
         plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
                                     self.stride, self.dilation, top, left)
-        self.register_buffer("panels", plan.panels, persistent=False)
-        self.register_buffer("phases", plan.phases, persistent=False)
-        self.register_buffer("packed", cpu_kernel.pack(self.weight, plan), persistent=False)
+        for name, value in (("panels", plan.panels), ("phases", plan.phases),
+                            ("packed", cpu_kernel.pack(self.weight, plan))):
+            self._set_derived(name, value)
         self.tile = cpu_kernel.tile_pixels(self.in_channels, self.out_channels)
         self.counts = position_counts(self.stripe_pos, self.kernel_size)
         self._export_constant = None
         self._derived_version = self.weight._version
+
+    def _set_derived(self, name: str, value: torch.Tensor) -> None:
+        """A derived, non-persistent buffer: written in place where it fits (whoever holds it, e.g. the deployed
+        model's TorchScript twin, sees the new values), registered anew otherwise."""
+        old = self._buffers.get(name)
+        if old is not None and (old.shape, old.dtype, old.device) == (value.shape, value.dtype, value.device):
+            with torch.no_grad():
+                old.copy_(value)
+        else:
+            self.register_buffer(name, value, persistent=False)
+
+    @torch.jit.unused
+    def refresh(self) -> None:
+        """Derive again if ``weight`` was written in place since the last :meth:`derive` (its version changed) or
+        converted; cheap otherwise. The eager forward and the deployed model's TorchScript twin call it."""
+        if self.weight._version != self._derived_version or self.packed.dtype != torch.float32:
+            self.derive()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -159,8 +176,8 @@ class DeployedStripeConv2d(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return True
         if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available():
-            if self.weight._version != self._derived_version or self.packed.dtype != torch.float32:
-                self.derive()  # written in place, or converted: pack again
+            if not torch.compiler.is_compiling():  # (a compiled graph reads the buffers as they are)
+                self.refresh()  # written in place, or converted: pack again
             return False
         if not _warned[0]:
             _warned[0] = True

@@ -15,6 +15,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
+from ..deployment.forward import attach_twin
 from ..deployment.rebuild import IMPLEMENTATIONS, rebuild
 from ..layers.checks import check_stripes, placeholder_stripes
 from ..layers.stripe_conv import StripeConv2d
@@ -192,4 +193,6 @@ def _load_deployed(path: PathLike, record: Dict, state: Dict[str, torch.Tensor],
     _check_values(path, deployed, state)
     _load_state(path, deployed, state, strict)
     deployed.deploy_source = record
+    if any(impl == "kernel" for impl in source["choices"].values()):
+        attach_twin(deployed)  # the fastest form, as deploy() returns it (eager where it does not script)
     return deployed
