@@ -6,10 +6,15 @@ product with the shifted input pixels (zero padding by range: masked loads). :fu
 output channels into tiles whose channels share their kernel positions (stripe patterns), so that a tile runs
 few positions and few of its stripe slots are zeros.
 
-Where it runs: CUDA tensors on the compiled kernel; CPU tensors under Triton's interpreter (numpy, slow: for
-checking the kernel on any machine, as the tests do). float16, bfloat16 and float32 (float32 products in IEEE
-precision, no TF32: the deployed model must match the dense one to 1e-4); NCHW and channels_last inputs, the
-output in the input's memory format. No autograd: ``StripeConv2d`` runs its dense path where gradients are needed.
+Where it runs: CUDA tensors on the compiled kernel; CPU tensors under Triton's interpreter (numpy, very slow:
+for checking the kernel on any machine, as the tests do), only when ``TRITON_INTERPRET=1`` is set or after
+:func:`set_interpret` (elsewhere CPU tensors take the PyTorch paths). The interpreter is used explicitly for CPU
+tensors, so it does not need ``TRITON_INTERPRET`` to be set before Triton is imported, and the same process can run
+the compiled kernel on CUDA tensors; the program uses only Triton builtins for that.
+
+float16, bfloat16 and float32 (float32 products in IEEE precision, no TF32: the deployed model must match the
+dense one to 1e-4); NCHW and channels_last inputs, the output in the input's memory format. No autograd:
+``StripeConv2d`` runs its PyTorch ``'stripe'`` path where gradients are needed.
 
 The op has a fake implementation, so a model calling it traces, scripts (``torch.jit.script``) and compiles
 (``torch.compile(fullgraph=True)``). :func:`available` is False (with :func:`unavailable_reason`) where Triton is
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 
@@ -33,12 +38,18 @@ BLOCK_OS = (16, 32, 64)
 TILE_SLACK = 1.25
 ACTIVATIONS = {None: 0, "relu": 1}
 
-_state = {"enabled": os.environ.get("SWP_DISABLE_TRITON", "") in ("", "0"), "module": None, "error": None}
+_state = {"enabled": os.environ.get("SWP_DISABLE_TRITON", "") in ("", "0"), "module": None, "error": None,
+          "interpret": os.environ.get("TRITON_INTERPRET", "") == "1"}
 
 
 def set_enabled(enabled: bool) -> None:
     """Allow (default) or forbid the Triton kernel; forbidden, :func:`available` is False."""
     _state["enabled"] = bool(enabled)
+
+
+def set_interpret(enabled: bool) -> None:
+    """Run the kernel on CPU tensors under Triton's interpreter (default: only when ``TRITON_INTERPRET=1``)."""
+    _state["interpret"] = bool(enabled)
 
 
 def _kernels():
@@ -62,13 +73,15 @@ def unavailable_reason(device: torch.device | str | None = None) -> str | None:
     kind = torch.device(device).type if device is not None else "cuda"
     if kind == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if kind == "cpu" and not _state["interpret"]:
+        return "CPU tensors run the Triton kernel only under its interpreter (TRITON_INTERPRET=1 or set_interpret)"
     if kind not in ("cuda", "cpu"):
         return f"no Triton kernel for {kind} tensors"
     return None
 
 
 def available(device: torch.device | str | None = None) -> bool:
-    """True if the kernel can run on ``device`` (default ``'cuda'``; ``'cpu'``: under Triton's interpreter)."""
+    """True if the kernel can run on ``device`` (default ``'cuda'``; ``'cpu'``: under the interpreter, if enabled)."""
     return unavailable_reason(device) is None
 
 
@@ -217,8 +230,8 @@ def _check(x, weight, tile_ptr, entry_offsets, entry_rows, tile_out, bias, resid
 
 @torch.library.custom_op("swp_triton::stripe_conv2d", mutates_args=(), device_types=("cuda", "cpu"))
 def stripe_conv2d(x: torch.Tensor, weight: torch.Tensor, tile_ptr: torch.Tensor, entry_offsets: torch.Tensor,
-                  entry_rows: torch.Tensor, tile_out: torch.Tensor, bias: Optional[torch.Tensor],
-                  residual: Optional[torch.Tensor], out_channels: int, out_h: int, out_w: int, stride_h: int,
+                  entry_rows: torch.Tensor, tile_out: torch.Tensor, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, out_channels: int, out_h: int, out_w: int, stride_h: int,
                   stride_w: int, act: int) -> torch.Tensor:
     """``act(stripe_conv(x) + bias + residual)``, ``(N, out_channels, out_h, out_w)`` in ``x``'s memory format
     (see the module docstring; ``act``: 0 none, 1 ReLU). Built by :func:`conv` / the deployed layer."""
@@ -235,8 +248,12 @@ def stripe_conv2d(x: torch.Tensor, weight: torch.Tensor, tile_ptr: torch.Tensor,
         return y
     block_o = entry_rows.shape[1]
     on_gpu = x.device.type == "cuda"
-    block_p = (128 if pixels >= 16384 else 64) if on_gpu else max(16, min(128, triton_next_pow2(pixels)))
-    block_c = max(16, min(64 if x.dtype != torch.float32 else 32, triton_next_pow2(c)))
+    if on_gpu:
+        block_p = 128 if pixels >= 16384 else 64
+        block_c = max(16, min(64 if x.dtype != torch.float32 else 32, triton_next_pow2(c)))
+    else:  # the interpreter pays per program and per operation, not per element: few, large blocks
+        block_p = max(16, min(1024, triton_next_pow2(pixels)))
+        block_c = max(16, min(512, triton_next_pow2(c)))
     res = residual if residual is not None else y
     grid = ((pixels + block_p - 1) // block_p, tile_out.shape[0])
     kernel = kernels.compiled if on_gpu else kernels.interpreted
