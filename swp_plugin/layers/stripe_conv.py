@@ -12,14 +12,13 @@ Backends (same function, exact up to float rounding; all differentiable):
 
 * ``'cpp'``: the compiled CPU kernel (:mod:`swp_plugin.layers.kernels.cpu`, float32), MACs
   ``S * C_in * H_out * W_out``.
-* ``'triton'``: the Triton kernel (:mod:`swp_plugin.layers.kernels.triton_stripe`; float16, bfloat16, float32)
-  on CUDA tensors; on CPU tensors it runs under Triton's interpreter (slow: for checks). Forward only: where
-  gradients are needed, and while exporting, the layer runs ``'stripe'``.
+* ``'triton'``: the Triton kernel on CUDA (float16/bfloat16/float32, :mod:`.kernels.triton_stripe`), forward only
+  (with gradients, or while exporting, the layer runs ``'stripe'``).
 * ``'stripe'``: pure PyTorch, exportable (:func:`.functional.stripe_conv_pytorch`).
 * ``'dense'``: the stripes scattered into a dense kernel (cached in inference) and ``F.conv2d``.
 * ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
-  against the stripe kernel (``'cpp'`` where it applies, ``'triton'`` on CUDA, else ``'stripe'``) picks the
-  faster one, dense unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
+  against the stripe kernel (``'cpp'``, ``'triton'`` on CUDA, else ``'stripe'``) picks the faster one, dense
+  unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
   ``repr``. :mod:`.config` forces a backend on ``'auto'`` layers (``SWP_STRIPE_BACKEND``, ``set_backend``,
   ``use_backend``).
   While tracing, exporting or compiling, ``'auto'`` uses the cached choice if it is ``'dense'``, else
@@ -62,8 +61,7 @@ class StripeConv2d(nn.Module):
             ``nn.Conv2d`` (``padding`` may be ``'same'`` / ``'valid'``).
         num_stripes: number of kept stripes ``S``.
         same_dynamic: pad like timm's ``Conv2dSame`` (TF 'SAME', depends on the input size).
-        backend: ``'auto'`` (default), ``'cpp'``, ``'triton'``, ``'stripe'`` or ``'dense'`` (see the module
-            docstring);
+        backend: ``'auto'`` (default), ``'cpp'``, ``'triton'``, ``'stripe'``, ``'dense'`` (module docstring);
             may be reassigned at any time (``layer.backend = 'dense'``).
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
@@ -291,10 +289,8 @@ class StripeConv2d(nn.Module):
     def _forward_with(self, x: torch.Tensor, pad: Tuple[int, int, int, int], backend: str) -> torch.Tensor:
         if backend == "stripe" and not any(self._position_counts):  # Python ints: quiet while tracing
             backend = "dense"  # no stripe at all: a zero kernel (same function, and gradients of zeros)
-        if backend == "cpp":
-            return self._cpp_forward(x, pad)
-        if backend == "triton":
-            return self._triton_forward(x, pad)
+        if backend in ("cpp", "triton"):
+            return self._cpp_forward(x, pad) if backend == "cpp" else triton_stripe.forward(self, x, pad, self._plans)
         if any(pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
@@ -305,21 +301,15 @@ class StripeConv2d(nn.Module):
     def _cpp_applies(self, x: torch.Tensor) -> bool:
         return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and cpu_kernel.available()
 
-    def _triton_applies(self, x: torch.Tensor, device_types: Tuple[str, ...] = ("cuda", "cpu")) -> bool:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        return (x.device.type in device_types and x.dim() == 4 and x.dtype in triton_stripe.DTYPES
-                and self.weight.dtype == x.dtype and not needs_grad and triton_stripe.available(x.device))
-
     def _resolve_backend(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
         exporting = (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
                      or torch.compiler.is_compiling())
         requested = self._backend
         if requested == "auto":
             requested = default_backend()
-        if requested == "cpp":
-            return "stripe" if exporting or not self._cpp_applies(x) else "cpp"
-        if requested == "triton":
-            return "stripe" if exporting or not self._triton_applies(x) else "triton"
+        if requested in ("cpp", "triton"):
+            applies = self._cpp_applies(x) if requested == "cpp" else triton_stripe.runs(self, x)
+            return "stripe" if exporting or not applies else requested
         if requested != "auto":
             return requested
         key = (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
@@ -335,8 +325,7 @@ class StripeConv2d(nn.Module):
 
     def _tune(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
         """Micro-benchmark ``'dense'`` against the stripe kernel on ``x`` (no grad); return the faster."""
-        candidate = ("cpp" if self._cpp_applies(x) else "triton" if self._triton_applies(x, ("cuda",))
-                     else "stripe")
+        candidate = "cpp" if self._cpp_applies(x) else "triton" if triton_stripe.runs(self, x, ("cuda",)) else "stripe"
         runs = {name: (lambda name=name: self._forward_with(x, pad, name)) for name in ("dense", candidate)}
         with torch.no_grad():
             times = fastest(synchronized(runs, x.device))
@@ -371,25 +360,6 @@ class StripeConv2d(nn.Module):
         dense_index = self.stripe_out * (kh * kw) + self.stripe_pos
         return cpu_kernel.stripe_conv_cpu(x.contiguous(), self.weight, self.bias, plan, (out_h, out_w), self.stride,
                                           self.dilation, pad, dense_index, self.kernel_size)
-
-    def _out_hw(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> Tuple[int, int]:
-        left, right, top, bottom = pad
-        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
-        return ((x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1,
-                (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1)
-
-    def _triton_forward(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> torch.Tensor:
-        """The Triton kernel (zero padding by range; other padding modes applied first), no autograd."""
-        if self.padding_mode != "zeros" and any(pad):
-            x, pad = F.pad(x, pad, mode=self.padding_mode), (0, 0, 0, 0)
-        key = ("triton", pad[2], pad[0], x.device)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = triton_stripe.make_tile_plan(
-                self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size, self.dilation, pad[2], pad[0]
-            ).to(x.device)
-        return triton_stripe.conv(x, self.weight, self.bias, plan, self.out_channels, self._out_hw(x, pad),
-                                  self.stride)
 
     def _stripe_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pure PyTorch on the padded input (:func:`.functional.stripe_conv_pytorch`)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 
 #: input dtypes the kernel computes (float32 accumulation)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -279,6 +280,31 @@ def _fake(x, weight, tile_ptr, entry_offsets, entry_rows, tile_out, bias, residu
 def triton_next_pow2(v: int) -> int:
     """Smallest power of two >= ``v`` (``triton.next_power_of_2`` without importing Triton)."""
     return 1 << max(0, int(v) - 1).bit_length()
+
+
+def runs(layer, x: torch.Tensor, device_types: Tuple[str, ...] = ("cuda", "cpu")) -> bool:
+    """True if a ``StripeConv2d`` ``layer`` computes ``x`` with this kernel: a 4-D input of a kernel dtype equal to
+    the weights', on one of ``device_types`` where the kernel is available, no gradient needed (no autograd)."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+    return (x.device.type in device_types and x.dim() == 4 and x.dtype in DTYPES and layer.weight.dtype == x.dtype
+            and not needs_grad and available(x.device))
+
+
+def forward(layer, x: torch.Tensor, pad: Tuple[int, int, int, int], plans: dict) -> torch.Tensor:
+    """``StripeConv2d`` ``layer`` on ``x`` with padding ``pad`` = (l, r, t, b) not applied yet (zero padding by
+    range, other modes applied first); ``plans``: the layer's structure cache (tile plans per padding and device)."""
+    if layer.padding_mode != "zeros" and any(pad):
+        x, pad = F.pad(x, pad, mode=layer.padding_mode), (0, 0, 0, 0)
+    left, right, top, bottom = pad
+    (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+    out_hw = ((x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1,
+              (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1)
+    key = ("triton", top, left, x.device)
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = make_tile_plan(layer.stripe_out, layer.stripe_pos, layer.out_channels, layer.kernel_size,
+                                           layer.dilation, top, left).to(x.device)
+    return conv(x, layer.weight, layer.bias, plan, layer.out_channels, out_hw, layer.stride)
 
 
 def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: TilePlan, out_channels: int,
