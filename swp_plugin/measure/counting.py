@@ -41,6 +41,8 @@ def _counting_hooks(model: nn.Module) -> dict:
     hooks = {cls: stripe_conv_macs_hook for cls in STRIPE_LAYERS}
     for module in model.modules():
         cls = type(module)
+        if isinstance(module, STRIPE_LAYERS):  # subclasses too (the Triton layer)
+            hooks[cls] = stripe_conv_macs_hook
         if cls in op_counter.MODULES_MAPPING or cls in hooks:
             continue
         for base in cls.__mro__[1:]:
