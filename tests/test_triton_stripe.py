@@ -168,6 +168,21 @@ def test_layer_uses_the_kernel_only_where_it_applies():
             switch(True)
 
 
+def test_auto_layer_that_chose_the_kernel_stays_differentiable():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    layer = StripeConv2d.from_dense(conv, torch.rand(5, 3, 3) < 0.5)  # backend 'auto'
+    conv = layer.to_dense()
+    x = torch.randn(1, 3, 6, 5)
+    layer.choices[(tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())] = "triton"  # as on a GPU
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.active_backend == "triton" and rel_err(conv(x), y) < 1e-5
+    y = layer(x)
+    assert layer.active_backend == "stripe" and y.requires_grad
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
 def test_op_refuses_bad_input_with_a_clear_error():
     layer = _layer(dict(cin=3, cout=4, kernel=(3, 3), stride=(1, 1), padding=1, dilation=(1, 1), bias=True,
                         keep=0.5, dtype=torch.float32), 0)
