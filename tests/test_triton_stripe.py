@@ -240,6 +240,28 @@ def test_deployed_layer_scripts_compiles_and_keeps_channels_last(dtype):
     assert "triton(block_o=" in repr(layer)
 
 
+def test_damaged_plan_is_refused_at_load_and_never_read_out_of_bounds():
+    layer, _ = _deployed_layer(act="none", residual=False)
+    state = layer.state_dict()
+    copy_of(layer).load_state_dict(state)  # its own plan passes
+    for key, value in (("entry_rows", 10**6), ("tile_out", -5), ("tile_ptr", 10**6)):
+        bad = {**state, key: state[key].clone().fill_(value)}
+        with pytest.raises(ValueError, match="tile plan is invalid"):
+            copy_of(layer).load_state_dict(bad)
+    x = torch.randn(1, 6, 7, 7)
+    with torch.no_grad():
+        y = torch.ops.swp_triton.stripe_conv2d(x, layer.weight, layer.tile_ptr, layer.entry_offsets,
+                                               layer.entry_rows.clone().fill_(10**6), layer.tile_out, layer.bias,
+                                               None, 8, 4, 4, 2, 2, 0)
+    assert torch.equal(y, layer.bias.view(1, 8, 1, 1).expand_as(y))  # every stripe masked out: the bias alone
+
+
+def copy_of(module: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(module)
+
+
 def test_deployed_layer_counts_the_macs_of_its_stripes():
     from swp_plugin.layers.deployed import DeployedStripeConv2d
     from swp_plugin.measure.counting import count_ops_and_params

@@ -26,6 +26,14 @@ from .stripe_conv import StripeConv2d
 _warned: List[bool] = [False]
 
 
+def _check_loaded_plan(module: TritonStripeConv2d, incompatible_keys) -> None:
+    why = triton_stripe.check_plan(module.tile_ptr, module.entry_offsets, module.entry_rows, module.tile_out,
+                                   module.weight.shape[0], module.out_channels)
+    if why is not None:
+        raise ValueError(f"TritonStripeConv2d: the loaded tile plan is invalid ({why}); the file is damaged or was "
+                         "not written for this layer: deploy the model again")
+
+
 @register_notrace_module
 class TritonStripeConv2d(DeployedStripeConv2d):
     """Inference-only stripe convolution on the Triton kernel, with a fused epilogue.
@@ -49,6 +57,7 @@ class TritonStripeConv2d(DeployedStripeConv2d):
         self.block_o, self.efficiency = plan.block_o, plan.efficiency
         for name in ("tile_ptr", "entry_offsets", "entry_rows", "tile_out"):
             self.register_buffer(name, getattr(plan, name).to(device))
+        self.register_load_state_dict_post_hook(_check_loaded_plan)
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> TritonStripeConv2d:

@@ -20,7 +20,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 def _stripe_conv_kernel(
     x_ptr, w_ptr, tile_ptr, entry_off_ptr, entry_rows_ptr, tile_out_ptr, bias_ptr, res_ptr, y_ptr,
-    C, H, W, HO, WO, P, SH, SW,
+    C, H, W, HO, WO, P, SH, SW, S, OC, E,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     srn, src, srh, srw,
@@ -41,8 +41,10 @@ def _stripe_conv_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     acc = tl.full((BLOCK_O, BLOCK_P), 0.0, tl.float32)  # builtins only (no @jit helpers such as tl.zeros): the
     # same function runs compiled and interpreted in one process
-    start = tl.load(tile_ptr + tile)
-    end = tl.load(tile_ptr + tile + 1)
+    # every index read from the plan is clipped or masked to its range (S stripes, OC channels, E entries): a damaged
+    # plan gives a wrong output, never an access out of bounds
+    start = tl.minimum(tl.maximum(tl.load(tile_ptr + tile), 0), E)
+    end = tl.minimum(tl.maximum(tl.load(tile_ptr + tile + 1), start), E)
     for e in range(start, end):
         dy = tl.load(entry_off_ptr + 2 * e)
         dx = tl.load(entry_off_ptr + 2 * e + 1)
@@ -51,7 +53,7 @@ def _stripe_conv_kernel(
         pix_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         pix = x_img + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         rows = tl.load(entry_rows_ptr + e * BLOCK_O + offs_o)
-        row_ok = rows >= 0
+        row_ok = (rows >= 0) & (rows < S)
         w_row = rows.to(tl.int64) * C
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + offs_c
@@ -67,7 +69,7 @@ def _stripe_conv_kernel(
             else:
                 acc = tl.dot(w, xt, acc)
     out_c = tl.load(tile_out_ptr + tile * BLOCK_O + offs_o)
-    o_ok = out_c >= 0
+    o_ok = (out_c >= 0) & (out_c < OC)
     if HAS_BIAS:
         b = tl.load(bias_ptr + out_c, mask=o_ok, other=0.0).to(tl.float32)
         acc = acc + b[:, None]

@@ -185,6 +185,26 @@ def make_tile_plan(stripe_out: torch.Tensor, stripe_pos: torch.Tensor, out_chann
     )
 
 
+def check_plan(tile_ptr: torch.Tensor, entry_offsets: torch.Tensor, entry_rows: torch.Tensor, tile_out: torch.Tensor,
+               num_stripes: int, out_channels: int) -> str | None:
+    """What is wrong with a tile plan (e.g. loaded from a file) for ``num_stripes`` stripes and ``out_channels``
+    channels, None if nothing: shapes, ranges, every channel in one tile, every stripe read once. (The kernel
+    masks every index it reads anyway: a bad plan cannot make it access memory out of bounds.)"""
+    if entry_rows.dim() != 2 or entry_rows.shape[1] not in BLOCK_OS or tile_out.dim() != 2 \
+            or tile_out.shape[1] != entry_rows.shape[1] or tile_ptr.shape != (tile_out.shape[0] + 1,) \
+            or entry_offsets.shape != (entry_rows.shape[0], 2):
+        return "shapes do not fit together"
+    ptr = tile_ptr.long().cpu()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != entry_rows.shape[0] or bool((ptr[1:] < ptr[:-1]).any()):
+        return "tile_ptr is not a non-decreasing 0..E index"
+    outs, rows = tile_out.long().cpu(), entry_rows.long().cpu()
+    if sorted(outs[outs >= 0].tolist()) != list(range(out_channels)) or bool((outs < -1).any()):
+        return f"tile_out does not hold each of the {out_channels} output channels exactly once"
+    if sorted(rows[rows >= 0].tolist()) != list(range(num_stripes)) or bool((rows < -1).any()):
+        return f"entry_rows does not read each of the {num_stripes} stripes exactly once"
+    return None
+
+
 def _union(patterns: List[int], members: List[int]) -> int:
     union = 0
     for c in members:
@@ -213,8 +233,8 @@ def _check(x, weight, tile_ptr, entry_offsets, entry_rows, tile_out, bias, resid
         fail(f"weights must be (S, C_in={x.shape[1]}), got {tuple(weight.shape)}")
     for name, t in (("tile_ptr", tile_ptr), ("entry_offsets", entry_offsets), ("entry_rows", entry_rows),
                     ("tile_out", tile_out)):
-        if t.dtype != torch.int32 or t.device != x.device:
-            fail(f"{name} must be int32 on {x.device}, got {t.dtype} on {t.device}")
+        if t.dtype != torch.int32 or t.device != x.device or not t.is_contiguous():
+            fail(f"{name} must be contiguous int32 on {x.device}, got {t.dtype} on {t.device}")
     if entry_rows.dim() != 2 or entry_rows.shape[1] not in BLOCK_OS or tile_out.shape[1:] != entry_rows.shape[1:]:
         fail(f"entry_rows / tile_out must be (E, B) / (T, B) with B in {BLOCK_OS}")
     if tile_ptr.numel() != tile_out.shape[0] + 1 or entry_offsets.shape != (entry_rows.shape[0], 2):
@@ -262,7 +282,7 @@ def stripe_conv2d(x: torch.Tensor, weight: torch.Tensor, tile_ptr: torch.Tensor,
         kernel[grid](
             x, weight if weight.numel() else x, tile_ptr, entry_offsets, entry_rows, tile_out,
             bias if bias is not None else y, res, y,
-            c, h, w, out_h, out_w, pixels, stride_h, stride_w,
+            c, h, w, out_h, out_w, pixels, stride_h, stride_w, weight.shape[0], out_channels, entry_rows.shape[0],
             *x.stride(), *y.stride(), *res.stride(),
             HAS_BIAS=bias is not None, HAS_RES=residual is not None, RELU=act == 1, FP32=x.dtype == torch.float32,
             UPCAST=not on_gpu and x.dtype == torch.bfloat16,
