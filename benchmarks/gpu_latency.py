@@ -18,7 +18,8 @@ time limit still leaves what it measured.
 
 Usage (from the repository root)::
 
-    python benchmarks/gpu_latency.py                 # everything above on the GPU (a few minutes on an H200)
+    python benchmarks/gpu_latency.py                 # everything above on the GPU (never run yet; --budget-s 480
+                                                     # stops starting new configurations after 8 min)
     python benchmarks/gpu_latency.py --nets vgg16,resnet18 --dtypes bfloat16 --budget-s 240
     python benchmarks/gpu_latency.py --dry-run       # CPU check of the script: narrow nets, the kernel under
                                                      # Triton's interpreter, aot_eager instead of inductor
