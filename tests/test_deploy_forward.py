@@ -1,6 +1,7 @@
 """The form of the model ``deploy()`` returns (swp_plugin.deployment.forward): plain inference calls run its
 TorchScript twin, the same function as the eager forward; the twin reads the module's own tensors, steps aside for
-hooks, training, compile, ONNX export, and is dropped when the module tree changes; a deployed file loaded with ``swp_plugin.load`` runs its twin too."""
+hooks, training, compile, ONNX export, and is dropped when the module tree changes;
+a deployed file loaded with ``swp_plugin.load`` runs its twin too."""
 
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    in torch-pruning's DependencyGraph instead (no epilogue fusion then).
 2. For each ``StripeConv2d`` (and, with ``dense_convs=True``, each plain ``groups=1`` convolution) the
    implementation is measured once on the layer's input for the example's shape and this thread count: the
-   compiled stripe kernel (:class:`.DeployedStripeConv2d`) or PyTorch's dense convolution (``nn.Conv2d``).
+   compiled stripe kernel (:class:`.DeployedStripeConv2d`; on CUDA the Triton kernel, :class:`.TritonStripeConv2d`,
+   in the model's dtype) or PyTorch's dense convolution (``nn.Conv2d``: cuDNN on CUDA).
    The kernel must win by :data:`MARGIN`.
 3. ReLUs and residual adds after a kernel layer move into its epilogue (shapes propagated on fake tensors).
 4. The deployed model's outputs are compared with the original's on the example and on a random batch of the
@@ -18,7 +19,8 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    step 4 checks that form too.
 
 ``deployed.deploy_report`` says what was folded, chosen (with the times), fused and what runs the forward.
-Steps 1, 3 and 5 with recorded choices instead of step 2: :func:`swp_plugin.deployment.rebuild.rebuild` (no timing, no data).
+Steps 1, 3 and 5 with recorded choices instead of step 2: :func:`swp_plugin.deployment.rebuild.rebuild` (no timing,
+no data).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.utils import parametrize
 
 from ..layers.deployed import DeployedStripeConv2d
+from ..layers.deployed_triton import TritonStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
+from ..layers.kernels import triton_stripe
 from ..layers.padding import PLAIN_CONVS
 from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
-from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module
+from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module, synchronized
 from .forward import attach_twin, detach_twin
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
 
@@ -230,24 +234,19 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
         stripe = layer if isinstance(layer, StripeConv2d) else StripeConv2d.from_dense(layer)
         dense = layer.to_dense() if isinstance(layer, StripeConv2d) else layer
         x = inputs.get(name)
-        if given is not None:
-            weight = stripe.weight
-            why = ("no kernel" if not kernel_ok else None if weight.dtype == torch.float32 and weight.device.type
-                   == "cpu" else f"{weight.dtype} on {weight.device.type}")
-        else:
-            why = ("not run" if x is None else "no kernel" if not kernel_ok else None
-                   if x.dtype == torch.float32 and x.device.type == "cpu" else f"{x.dtype} on {x.device.type}")
-        if why is not None or (given is not None and given.get(name, "dense") == "dense"):
+        # with given choices nothing runs: the weights stand for the input's device and dtype
+        kernel, why = _kernel_for(stripe.weight if given is not None else x, stripe, kernel_ok)
+        if kernel is None or (given is not None and given.get(name, "dense") == "dense"):
             _swap(model, name, dense)
             report.choices.append({"layer": name, "impl": "dense", **({"why": why} if why else {})})
             continue
-        candidate = DeployedStripeConv2d.from_stripe(stripe)
+        candidate = kernel.from_stripe(stripe)
         choice = {"layer": name, "stripes": stripe.num_stripes,
                   "dense_stripes": stripe.out_channels * stripe.kernel_size[0] * stripe.kernel_size[1]}
         if given is not None:
             choice["impl"] = "kernel"
         else:
-            times = fastest({"dense": partial(dense, x), "kernel": partial(candidate, x)})
+            times = fastest(synchronized({"dense": partial(dense, x), "kernel": partial(candidate, x)}, x.device))
             choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
                           dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
         _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
@@ -270,6 +269,22 @@ def _layer_inputs(model: nn.Module, layers: Dict[str, nn.Module], example_inputs
         for h in handles:
             h.remove()
     return inputs
+
+
+def _kernel_for(x: torch.Tensor | None, stripe: StripeConv2d, kernel_ok: bool) -> Tuple[type | None, str | None]:
+    """The kernel layer to measure against the dense conv for input ``x`` (None and why where there is none): on
+    CUDA the Triton kernel in the model's dtype, on CPU the compiled kernel (float32)."""
+    if x is None:
+        return None, "not run"
+    if x.device.type == "cuda":
+        if not triton_stripe.applies(x) or x.dtype != stripe.weight.dtype:
+            return None, triton_stripe.unavailable_reason(x.device) or f"{x.dtype} input, {stripe.weight.dtype} weights"
+        return TritonStripeConv2d, None
+    if not kernel_ok:
+        return None, "no kernel"
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return None, f"{x.dtype} on {x.device.type}"
+    return DeployedStripeConv2d, None
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

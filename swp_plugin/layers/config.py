@@ -1,7 +1,7 @@
 """Process-wide switches of the stripe layers, in the spirit of timm's ``layers/config.py``.
 
-``SWP_STRIPE_BACKEND`` (``auto``, ``dense``, ``stripe`` or ``cpp``) is read once, at import, as the default that
-``StripeConv2d(backend='auto')`` layers use (deterministic runs: ``SWP_STRIPE_BACKEND=dense``).
+``SWP_STRIPE_BACKEND`` (``auto``, ``dense``, ``stripe``, ``cpp`` or ``triton``) is read once, at import, as the
+default that ``StripeConv2d(backend='auto')`` layers use (deterministic runs: ``SWP_STRIPE_BACKEND=dense``).
 :func:`set_backend` changes it for the process or sets the backend of every stripe layer of one model;
 :func:`use_backend` changes it for a block.
 """
@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-BACKENDS = ("auto", "stripe", "dense", "cpp")
+BACKENDS = ("auto", "stripe", "dense", "cpp", "triton")
 
 
 def _checked(name: str, source: str) -> str:

@@ -12,15 +12,17 @@ Backends (same function, exact up to float rounding; all differentiable):
 
 * ``'cpp'``: the compiled CPU kernel (:mod:`swp_plugin.layers.kernels.cpu`, float32), MACs
   ``S * C_in * H_out * W_out``.
+* ``'triton'``: the Triton kernel on CUDA (float16/bfloat16/float32, :mod:`.kernels.triton_stripe`), forward only
+  (with gradients, or while exporting, the layer runs ``'stripe'``).
 * ``'stripe'``: pure PyTorch, exportable (:func:`.functional.stripe_conv_pytorch`).
 * ``'dense'``: the stripes scattered into a dense kernel (cached in inference) and ``F.conv2d``.
 * ``'auto'`` (default): per input shape (and thread count), a one-time micro-benchmark of ``'dense'``
-  against the stripe kernel (``'cpp'`` where it applies, else ``'stripe'``) picks the faster one, dense
+  against the stripe kernel (``'cpp'``, ``'triton'`` on CUDA, else ``'stripe'``) picks the faster one, dense
   unless the stripe kernel wins by 5%; cached in the module (:attr:`StripeConv2d.choices`), shown in
   ``repr``. :mod:`.config` forces a backend on ``'auto'`` layers (``SWP_STRIPE_BACKEND``, ``set_backend``,
   ``use_backend``).
   While tracing (``torch.jit.trace``), exporting or compiling, ``'auto'`` uses the cached choice if it is
-  ``'dense'``, else ``'stripe'``, and ``'cpp'`` uses ``'stripe'``.
+  ``'dense'``, else ``'stripe'``, and ``'cpp'`` / ``'triton'`` use ``'stripe'``.
 
 ``torch.jit.script`` and plain ``torch.fx`` see the layer's compute as one function (:mod:`.traceable`).
 """
@@ -36,10 +38,11 @@ from timm.layers import register_notrace_module
 from timm.layers.conv2d_same import Conv2dSame
 from torch.nn.modules.utils import _pair
 
-from ..utils import fastest
+from ..utils import fastest, synchronized
 from .config import BACKENDS, default_backend
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
 from .kernels import cpu as cpu_kernel
+from .kernels import triton_stripe
 from .layout import same_tensor, scatter_dense, standard_layout
 from .padding import PaddingSpec, dynamic_same_padding, is_dynamic_same, static_padding
 from .traceable import TraceableStripeLayer
@@ -61,7 +64,7 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
             ``nn.Conv2d`` (``padding`` may be ``'same'`` / ``'valid'``).
         num_stripes: number of kept stripes ``S``.
         same_dynamic: pad like timm's ``Conv2dSame`` (TF 'SAME', depends on the input size).
-        backend: ``'auto'`` (default), ``'cpp'``, ``'stripe'`` or ``'dense'`` (see the module docstring);
+        backend: ``'auto'`` (default), ``'cpp'``, ``'triton'``, ``'stripe'``, ``'dense'`` (module docstring);
             may be reassigned at any time (``layer.backend = 'dense'``).
 
     Shapes: input ``(N, C_in, H, W)`` -> output ``(N, out, H_out, W_out)`` as the dense convolution.
@@ -176,7 +179,7 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
     # ------------------------------------------------------------------ backend
     @property
     def backend(self) -> str:
-        """Requested backend: ``'auto'``, ``'cpp'``, ``'stripe'`` or ``'dense'``."""
+        """Requested backend: ``'auto'``, ``'cpp'``, ``'triton'``, ``'stripe'`` or ``'dense'``."""
         return self._backend
 
     @backend.setter
@@ -281,8 +284,8 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
     def _forward_with(self, x: torch.Tensor, pad: Tuple[int, int, int, int], backend: str) -> torch.Tensor:
         if backend == "stripe" and not any(self._position_counts):  # Python ints: quiet while tracing
             backend = "dense"  # no stripe at all: a zero kernel (same function, and gradients of zeros)
-        if backend == "cpp":
-            return self._cpp_forward(x, pad)
+        if backend in ("cpp", "triton"):
+            return self._cpp_forward(x, pad) if backend == "cpp" else triton_stripe.forward(self, x, pad, self._plans)
         if any(pad):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x = F.pad(x, pad, mode=mode)
@@ -299,13 +302,14 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
         requested = self._backend
         if requested == "auto":
             requested = default_backend()
-        if requested == "cpp":
-            return "stripe" if exporting or not self._cpp_applies(x) else "cpp"
+        if requested in ("cpp", "triton"):
+            applies = self._cpp_applies(x) if requested == "cpp" else triton_stripe.runs(self, x)
+            return "stripe" if exporting or not applies else requested
         if requested != "auto":
             return requested
         key = (tuple(x.shape), x.dtype, x.device.type, torch.get_num_threads())
         choice = self.choices.get(key)
-        if exporting:
+        if exporting or (choice == "triton" and not triton_stripe.runs(self, x)):  # no autograd in triton
             return "dense" if choice == "dense" else "stripe"
         if choice is None or (choice == "cpp" and not self._cpp_applies(x)):  # (choices copied from elsewhere)
             choice = self._tune(x, pad)
@@ -316,10 +320,10 @@ class StripeConv2d(TraceableStripeLayer, nn.Module):
 
     def _tune(self, x: torch.Tensor, pad: Tuple[int, int, int, int]) -> str:
         """Micro-benchmark ``'dense'`` against the stripe kernel on ``x`` (no grad); return the faster."""
-        candidate = "cpp" if self._cpp_applies(x) else "stripe"
+        candidate = "cpp" if self._cpp_applies(x) else "triton" if triton_stripe.runs(self, x, ("cuda",)) else "stripe"
         runs = {name: (lambda name=name: self._forward_with(x, pad, name)) for name in ("dense", candidate)}
         with torch.no_grad():
-            times = fastest(runs)
+            times = fastest(synchronized(runs, x.device))
         return candidate if times[candidate] < 0.95 * times["dense"] else "dense"
 
     def _dense_kernel(self) -> torch.Tensor:

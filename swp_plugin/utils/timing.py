@@ -7,6 +7,8 @@ import statistics
 import time
 from typing import Callable, Dict, List
 
+import torch
+
 
 def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int = 1, stat: str = "median",
                  budget_s: float | None = None, progress: bool = False, block: int = 1,
@@ -43,6 +45,14 @@ def side_by_side(runs: Dict[str, Callable[[], object]], rounds: int, warmup: int
             break
     reduce = min if stat == "min" else statistics.median
     return {name: reduce(values) for name, values in times.items()}
+
+
+def synchronized(runs: Dict[str, Callable[[], object]], device) -> Dict[str, Callable[[], object]]:
+    """``runs`` as they must be timed on ``device``: on CUDA each call waits for the device (its kernels are
+    asynchronous), elsewhere unchanged."""
+    if torch.device(device).type != "cuda":
+        return runs
+    return {name: (lambda run=run: (run(), torch.cuda.synchronize(device))[0]) for name, run in runs.items()}
 
 
 def fastest(runs: Dict[str, Callable[[], object]], rounds: int = 5, budget_s: float = 0.5) -> Dict[str, float]:
