@@ -42,6 +42,8 @@ from typing import Dict, List
 
 import torch
 import torch.nn as nn
+from gpu_latency import main as gpu_main
+from gpu_latency import wants_cuda
 from latency_report import render, target_rows
 from latency_rivals import channel_pruned, layer_rates, macs
 
@@ -183,11 +185,15 @@ def _ort_version() -> str:
 
 
 def main(argv: List[str] | None = None) -> None:
+    if wants_cuda(argv):  # --device cuda: cuDNN vs torch.compile vs the Triton stripe kernel (gpu_latency.py)
+        gpu_main(sys.argv[1:] if argv is None else list(argv))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default=",".join(CIFAR + IMAGENET))
     parser.add_argument("--keep", default="", help="fractions of stripes kept (default per net family)")
     parser.add_argument("--batches", default="", help="batch sizes (default per net family)")
     parser.add_argument("--threads", default="2")
+    parser.add_argument("--device", default="cpu", help="cpu (this benchmark) or cuda (benchmarks/gpu_latency.py)")
     parser.add_argument("--size", type=int, default=None, help="input size instead of 32 / 224 (smoke tests)")
     parser.add_argument("--budget", type=float, default=6.0, help="seconds of timed calls of the slowest model")
     parser.add_argument("--no-layers", dest="layers", action="store_false", help="no per-layer GMAC/s tables")

@@ -30,7 +30,7 @@ def test_refused_base_pruner_options_say_why(option):
 def test_channel_importance_unknown_options_and_bad_values_are_refused():
     model, x = _model()
     with pytest.raises(TypeError, match="stripe_scores"):
-        StripePruner(model, x[:1], pruning_ratio=0.3, importance=tp.importance.MagnitudeImportance())
+        StripePruner(model, x[:1], pruning_ratio=0.3, importance=tp.importance.GroupTaylorImportance())
     with pytest.raises(TypeError, match="unknown StripePruner option"):
         StripePruner(model, x[:1], pruning_ratios=0.3)
     with pytest.raises(ValueError, match="global_pruning=False"):

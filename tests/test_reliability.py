@@ -63,7 +63,7 @@ def test_nan_weight():
     model, x, pruner = _setup()
     with torch.no_grad():
         model.layers[0].conv2.parametrizations.weight.original[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="weight of 'layers.0.conv2'"):
+    with pytest.raises(ValueError, match=r"'layers\.0\.conv2\..*' holds NaN/Inf"):
         pruner.step()
     assert _untouched(model)
 
@@ -136,7 +136,7 @@ def test_model_loses_every_stripe():
 @pytest.mark.parametrize("inputs", [torch.randn(1, 1, 32, 32), "image", torch.randn(1, 3, 32, 32, device="meta")])
 def test_bad_example_inputs(inputs):
     model = resnet20(width=0.5)
-    with pytest.raises(ValueError, match="example_inputs do not run through the model"):
+    with pytest.raises(ValueError, match="example_inputs do not run through the model|example_inputs is on the meta"):
         StripePruner(model, inputs)
 
 

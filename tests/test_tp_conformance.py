@@ -32,15 +32,16 @@ def _stripes(model: nn.Module):
 def test_readme_quickstart_with_only_the_pruner_line_changed():
     model = resnet18(num_classes=10)
     example_inputs = torch.randn(1, 3, 64, 64)
-    imp = StripeImportance()  # was tp.importance.GroupMagnitudeImportance(p=2)
+    imp = tp.importance.GroupMagnitudeImportance(p=2)  # torch-pruning's own: read on stripes (StripeMagnitude)
     ignored_layers = _classifier_ignored(model, 10)
     convs = {n: m.out_channels * m.kernel_size[0] * m.kernel_size[1] for n, m in model.named_modules()
              if isinstance(m, nn.Conv2d)}
-    pruner = StripePruner(model, example_inputs, importance=imp, pruning_ratio=0.5, ignored_layers=ignored_layers,
-                          round_to=8)
-    base_macs, base_nparams = count_ops_and_params(model, example_inputs)
+    pruner = StripePruner(model, example_inputs, importance=imp, pruning_ratio=0.5,  # was tp.pruner.BasePruner
+                          ignored_layers=ignored_layers, round_to=8)
+    base_macs, base_nparams = tp.utils.count_ops_and_params(model, example_inputs)  # torch-pruning's own counter
     pruner.step()
-    macs, nparams = count_ops_and_params(model, example_inputs)
+    macs, nparams = tp.utils.count_ops_and_params(model, example_inputs)
+    assert (macs, nparams) == count_ops_and_params(model, example_inputs, include_indexes=False)  # sees stripes
     kept = _stripes(model)
     assert set(kept) == set(convs)  # every conv is now a stripe conv
     for name, stripes in kept.items():  # pruning_ratio: each layer lost half of its stripes, kept a multiple of 8

@@ -243,10 +243,11 @@ def test_deployed_layer_scripts_compiles_and_keeps_channels_last(dtype):
 def test_damaged_plan_is_refused_at_load_and_never_read_out_of_bounds():
     layer, _ = _deployed_layer(act="none", residual=False)
     state = layer.state_dict()
-    copy_of(layer).load_state_dict(state)  # its own plan passes
-    for key, value in (("entry_rows", 10**6), ("tile_out", -5), ("tile_ptr", 10**6)):
+    assert not any(k in state for k in ("tile_ptr", "entry_offsets", "entry_rows", "tile_out"))  # derived, not saved
+    copy_of(layer).load_state_dict(state)
+    for key, value in (("stripe_out", 10**6), ("stripe_pos", -5)):  # the indexes the plan is derived from
         bad = {**state, key: state[key].clone().fill_(value)}
-        with pytest.raises(ValueError, match="tile plan is invalid"):
+        with pytest.raises(ValueError, match=key):
             copy_of(layer).load_state_dict(bad)
     x = torch.randn(1, 6, 7, 7)
     with torch.no_grad():

@@ -89,7 +89,14 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
             _TWINS.pop(gm, None)
             return False
         twin.generation = _GENERATION[0]
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast: the eager forward (its layers handle the mixed dtypes)
+    grad = torch.is_grad_enabled()
+    if grad and any(a.requires_grad for a in args):
+        return False  # the eager forward refuses it: the kernel has no backward
     for layer in twin.kernel_layers:  # a weight written in place since: pack again (nothing derived goes stale)
+        if grad and (layer.weight.requires_grad or layer.bias.requires_grad):
+            return False
         layer.refresh()
     return True
 

@@ -3,7 +3,8 @@
 The GPU counterpart of :class:`~swp_plugin.layers.deployed.DeployedStripeConv2d` (a subclass: BatchNorm folding,
 epilogue fusion, ONNX forms, MAC counting and ``to_stripe`` are the same). It keeps the model's dtype (float16,
 bfloat16 or float32) and the input's memory format (NCHW or channels_last: the output comes in the input's
-format), owns the kernel's tile plan as buffers (:func:`~swp_plugin.layers.kernels.triton_stripe.make_tile_plan`:
+format), derives the kernel's tile plan from its checked stripe indexes (non-persistent buffers: a plan is never
+read from a file) (:func:`~swp_plugin.layers.kernels.triton_stripe.make_tile_plan`:
 output channels grouped by stripe pattern) and its forward is one call of the registered op
 ``swp_triton::stripe_conv2d`` (``act(conv(x) + bias + residual)``), so the deployed model scripts, traces and
 compiles like the CPU one. Where the op cannot run (no Triton, another dtype) it computes the same function with
@@ -19,19 +20,13 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
+from .checks import check_stripes
 from .deployed import DeployedStripeConv2d
+from .functional import position_counts
 from .kernels import triton_stripe
 from .stripe_conv import StripeConv2d
 
 _warned: List[bool] = [False]
-
-
-def _check_loaded_plan(module: TritonStripeConv2d, incompatible_keys) -> None:
-    why = triton_stripe.check_plan(module.tile_ptr, module.entry_offsets, module.entry_rows, module.tile_out,
-                                   module.weight.shape[0], module.out_channels)
-    if why is not None:
-        raise ValueError(f"TritonStripeConv2d: the loaded tile plan is invalid ({why}); the file is damaged or was "
-                         "not written for this layer: deploy the model again")
 
 
 @register_notrace_module
@@ -39,25 +34,33 @@ class TritonStripeConv2d(DeployedStripeConv2d):
     """Inference-only stripe convolution on the Triton kernel, with a fused epilogue.
 
     Shapes as :class:`DeployedStripeConv2d`. Parameters (``requires_grad=False``, in the stripe layer's dtype):
-    ``weight`` ``(S, C_in)``, ``bias`` ``(out,)``; buffers: ``stripe_out``, ``stripe_pos`` and the tile plan
-    ``tile_ptr``, ``entry_offsets``, ``entry_rows``, ``tile_out`` (int32).
+    ``weight`` ``(S, C_in)``, ``bias`` ``(out,)``; buffers: ``stripe_out``, ``stripe_pos`` and, derived from them by
+    :meth:`derive` (not saved), the tile plan ``tile_ptr``, ``entry_offsets``, ``entry_rows``, ``tile_out`` (int32).
     """
 
     def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
                  residual: bool = False) -> None:
-        super().__init__(layer, bias=bias, act=act, residual=residual)
-        for name in ("rows", "phase_info", "ptr", "entries"):  # the CPU kernel's plan: not used here
-            delattr(self, name)
+        super().__init__(layer, bias=bias, act=act, residual=residual)  # checks the stripes, calls derive()
         dtype, device = layer.weight.dtype, layer.weight.device
         self.weight = nn.Parameter(self.weight.data.to(device=device, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(self.bias.data.to(device=device, dtype=dtype), requires_grad=False)
+
+    def derive(self) -> None:
+        """The tile plan from the (checked) stripe indexes and the hyperparameters; runs at construction and after
+        every ``load_state_dict``. The kernel reads ``weight`` itself: nothing derived from the weights."""
+        check_stripes(self.stripe_out, self.stripe_pos, self.weight.shape[0], self.out_channels, self.kernel_size)
         top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
-        plan = triton_stripe.make_tile_plan(layer.stripe_out, layer.stripe_pos, self.out_channels, self.kernel_size,
+        plan = triton_stripe.make_tile_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
                                             self.dilation, top, left)
         self.block_o, self.efficiency = plan.block_o, plan.efficiency
         for name in ("tile_ptr", "entry_offsets", "entry_rows", "tile_out"):
-            self.register_buffer(name, getattr(plan, name).to(device))
-        self.register_load_state_dict_post_hook(_check_loaded_plan)
+            self._set_derived(name, getattr(plan, name).to(self.stripe_out.device))
+        self.counts = position_counts(self.stripe_pos, self.kernel_size)
+        self._export_constant = None
+
+    @torch.jit.unused
+    def refresh(self) -> None:
+        """Nothing to refresh: the plan depends on the stripe indexes only, the kernel reads the weights."""
 
     @classmethod
     def from_stripe(cls, layer: StripeConv2d, act: str = "none", residual: bool = False) -> TritonStripeConv2d:

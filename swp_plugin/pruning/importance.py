@@ -8,8 +8,13 @@ The stripe-importance protocol (``StripePruner(importance=...)``): an object wit
 or ``(S,)`` for a ``StripeConv2d``), ``weight`` the weight the skeleton multiplies (``(out, C_in, kh, kw)`` or
 ``(S, C_in)``). It returns finite scores >= 0 shaped like ``skeleton``, higher = more important. ``StripePruner``
 divides them by the layer's mean (layers compete on relative terms), then ranks; dead stripes are never
-ranked. :class:`StripeImportance` is one (``|FS|^p * ||W_stripe||_2``, the default ranking). A torch-pruning channel
-importance (``tp.importance.*``, called on a group) has no stripe scores and is refused with this recipe.
+ranked. :class:`StripeImportance` is one (``|FS|^p * ||W_stripe||_2``, the default ranking).
+
+torch-pruning's channel importances score groups, not stripes. Two have a stripe reading and are translated by
+:func:`as_stripe_importance`, so a torch-pruning call site runs with only the pruner changed:
+``tp.importance.GroupMagnitudeImportance(p)`` / ``MagnitudeImportance(p)`` -> :class:`StripeMagnitude` (the
+p-norm of each stripe of the effective weight ``W * FS``) and ``tp.importance.RandomImportance`` ->
+:class:`StripeRandom`. The others (Taylor, Hessian, BN scale, LAMP, FPGM, ...) are refused with this recipe.
 """
 
 from __future__ import annotations
@@ -101,3 +106,35 @@ class StripeImportance(tp.importance.GroupMagnitudeImportance):
         if not group_imp:
             return None
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+class StripeMagnitude:
+    """torch-pruning's magnitude importance read on stripes: ``|FS| * ||W_stripe||_p`` (the p-norm of the stripe of
+    the effective weight ``W * FS``), shaped like the skeleton."""
+
+    def __init__(self, p: float = 2) -> None:
+        self.p = p
+
+    @torch.no_grad()
+    def stripe_scores(self, layer: nn.Module, skeleton: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return skeleton.detach().float().abs() * weight.detach().float().norm(p=self.p, dim=1)
+
+
+class StripeRandom:
+    """torch-pruning's random importance read on stripes: uniform random scores (a baseline)."""
+
+    @torch.no_grad()
+    def stripe_scores(self, layer: nn.Module, skeleton: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.rand(skeleton.shape, device=skeleton.device)
+
+
+def as_stripe_importance(importance) -> StripeScores | None:
+    """``importance`` if it scores stripes; the stripe reading of torch-pruning's magnitude and random importances
+    (see the module docstring); ``None`` for an importance that has none."""
+    if callable(getattr(importance, "stripe_scores", None)):
+        return importance
+    if type(importance) in (tp.importance.GroupMagnitudeImportance, tp.importance.MagnitudeImportance):
+        return StripeMagnitude(importance.p)
+    if type(importance) is tp.importance.RandomImportance:
+        return StripeRandom()
+    return None

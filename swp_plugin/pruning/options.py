@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
+from .importance import as_stripe_importance
 from .target import SCORES
 
 #: Default exactness tolerance of step() (max|diff| / max|y|) by parameter dtype.
@@ -129,15 +130,17 @@ def _ratio_dict(value) -> Dict:
 def _importance(importance, score: str):
     if importance is None:
         return None
-    if not callable(getattr(importance, "stripe_scores", None)):
+    converted = as_stripe_importance(importance)
+    if converted is None:
         raise TypeError(
             f"importance={type(importance).__name__}: StripePruner ranks stripes, and this object scores channel "
-            "groups (torch-pruning's protocol). Pass an object with stripe_scores(layer, skeleton, weight) -> scores "
+            "groups (torch-pruning's protocol; of those only the magnitude and random importances have a stripe "
+            "reading). Pass an object with stripe_scores(layer, skeleton, weight) -> scores "
             "shaped like the skeleton (swp_plugin.pruning.importance, e.g. swp_plugin.StripeImportance()); to prune "
             "channels with it after SWP, give it to a torch-pruning pruner with **swp_plugin.torch_pruning_kwargs().")
     if score != "fs":
         raise ValueError(f"score={score!r} and importance= both rank stripes: give one of them")
-    return importance
+    return converted
 
 
 def parse_options(model: nn.Module, sr, threshold, macs_reduction, params_reduction, importance, verify, tolerance,
