@@ -161,6 +161,8 @@ def _deploy_source(path: PathLike, source: Dict) -> Dict:
             raise CheckpointError(path, f"deploy['example'][{i}]", f"{item!r:.80} must be [shape (positive ints, at "
                                   f"most {MAX_EXAMPLE} elements), dtype (one of {EXAMPLE_DTYPES})], at most 16 inputs")
         example.append((tuple(item[0]), getattr(torch, item[1])))
+    if not example:
+        raise CheckpointError(path, "deploy['example']", "is empty: a deployed model records its example inputs")
     choices = source["choices"]
     if not isinstance(choices, dict) or not all(isinstance(k, str) and v in IMPLEMENTATIONS
                                                 for k, v in choices.items()):
@@ -190,6 +192,10 @@ def _load_deployed(path: PathLike, record: Dict, state: Dict[str, torch.Tensor],
                            source["fuse"])
     except (ValueError, KeyError) as err:
         raise CheckpointError(path, "deploy['choices']", str(err)) from None
+    except (RuntimeError, TypeError, IndexError) as err:  # the passes ran on placeholders only: nothing is unsafe
+        raise CheckpointError(path, "deploy['example']", f"the recorded example input shapes {source['example']} do "
+                              f"not run through the model ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                              "not a file of this architecture, or a damaged one: save the model again") from None
     _check_values(path, deployed, state)
     _load_state(path, deployed, state, strict)
     deployed.deploy_source = record
