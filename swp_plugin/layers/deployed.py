@@ -1,12 +1,16 @@
 """``DeployedStripeConv2d``: a stripe convolution frozen for inference on the compiled CPU kernel.
 
 What a :class:`~swp_plugin.StripeConv2d` decides at each call is fixed once here: the kernel's plan (stripe order,
-phases, per-channel stripe lists) is a set of buffers, a BatchNorm that followed the conv is folded into the
+panels by kernel position) and the packed weights are non-persistent buffers derived by one method (:meth:`derive`)
+from the weights and the checked stripe indexes, a BatchNorm that followed the conv is folded into the
 weights and bias, and a ReLU and/or a residual add that followed it run in the kernel's epilogue:
 ``y = act(conv(x) + bias + residual)``. The forward is one call of the registered op ``swp_stripe::forward``, so
 the layer scripts (``torch.jit.script``), traces and compiles with no Python between layers.
 
-The layer owns its derived form (the weights *are* the folded stripes): there is no cache to go stale. Where
+The layer owns its derived form: files hold the plain folded stripes and indexes only; the packed copy is derived
+again after ``load_state_dict`` and whenever the weight's version changed (:meth:`refresh`, called by the eager
+forward and by the deployed model's TorchScript twin). A write through ``weight.data`` shows no version: call
+:meth:`derive` after one. Where
 the kernel cannot run (not built on this machine, a non-float32 or non-CPU input) it computes the same function
 with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_form``: ``'dense'`` or
 ``'stripe'``, see :mod:`swp_plugin.deployment.onnx`).
