@@ -71,6 +71,29 @@ def test_twin_reads_the_modules_own_tensors(setup):
 
 @needs_cpp
 @torch.no_grad()
+def test_new_weight_data_is_packed_again_before_the_next_call(setup):
+    """``weight.data = ...`` (what ``.to()`` round trips and some EMA code do) shows no version change, only new
+    storage: the layer's stamp sees it, so neither the twin nor the eager forward runs stale packed weights."""
+    from swp_plugin.layers.deployed import DeployedStripeConv2d
+
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    before = deployed(x)
+    for m in deployed.modules():
+        if isinstance(m, DeployedStripeConv2d):
+            m.weight.data = m.weight.data * 0.5
+    after = deployed(x)
+    eager, _ = _eager(deployed, x)
+    assert deployed.forward_form != "eager" and rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+    fresh = deploy(model, x, choices=forced)
+    for m, f in zip(deployed.modules(), fresh.modules()):
+        if isinstance(m, DeployedStripeConv2d):
+            f.weight.copy_(m.weight)
+    assert rel_err(fresh(x), after) < 1e-6
+
+
+@needs_cpp
+@torch.no_grad()
 def test_twin_is_dropped_when_a_submodule_is_replaced(setup):
     model, x, forced = setup
     deployed = deploy(model, x, choices=forced)

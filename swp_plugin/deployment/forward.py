@@ -45,7 +45,37 @@ class _Twin:
     generation: int
     fingerprint: Tuple[int, ...]
     hook_dicts: List[dict]
-    kernel_layers: List[DeployedStripeConv2d]  # their packed weights are refreshed before every call
+    kernel: _KernelState  # the kernel layers' packed weights: checked before every call
+
+
+class _KernelState:
+    """The kernel layers of a twin, the tensors the twin holds of them, and the weight stamps they were packed
+    from: one list comprehension tells whether any weight changed since (a few microseconds for 50 layers)."""
+
+    def __init__(self, layers: List[DeployedStripeConv2d]) -> None:
+        self.layers = layers
+        self.weights = [m._parameters["weight"] for m in layers]
+        self.biases = [m._parameters["bias"] for m in layers]
+        self.packed = [m._buffers["packed"] for m in layers]
+        self.stamps = self._stamps()
+
+    def _stamps(self) -> List[Tuple[int, int]]:
+        return [(w._version, w.data_ptr()) for w in self.weights]
+
+    def current(self) -> bool:
+        """Pack again what changed; False if the twin's packed buffers are no longer the layers' (replaced, e.g.
+        by ``.to()``): the twin is then stale."""
+        stamps = self._stamps()
+        if stamps == self.stamps:
+            return True
+        # a conversion that replaces the buffers (``.to()``) gives the weights new storage too: checked here
+        for layer in self.layers:
+            layer.refresh()  # (writes in place: the twin holds the same buffers)
+        self.stamps = stamps
+        return all(m._buffers.get("packed") is p for m, p in zip(self.layers, self.packed))
+
+    def needs_grad(self) -> bool:
+        return any(w.requires_grad for w in self.weights) or any(b.requires_grad for b in self.biases)
 
 
 _TWINS: weakref.WeakKeyDictionary[nn.Module, _Twin] = weakref.WeakKeyDictionary()
@@ -91,13 +121,11 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         twin.generation = _GENERATION[0]
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast: the eager forward (its layers handle the mixed dtypes)
-    grad = torch.is_grad_enabled()
-    if grad and any(a.requires_grad for a in args):
+    if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.kernel.needs_grad()):
         return False  # the eager forward refuses it: the kernel has no backward
-    for layer in twin.kernel_layers:  # a weight written in place since: pack again (nothing derived goes stale)
-        if grad and (layer.weight.requires_grad or layer.bias.requires_grad):
-            return False
-        layer.refresh()
+    if not twin.kernel.current():  # a weight changed since: packed again (nothing derived goes stale)
+        _TWINS.pop(gm, None)
+        return False
     return True
 
 
@@ -159,7 +187,7 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
                                                     m._backward_pre_hooks)]
     layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
-    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, layers)
+    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, _KernelState(layers))
     return form
 
 

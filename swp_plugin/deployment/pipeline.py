@@ -11,7 +11,8 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    compiled stripe kernel (:class:`.DeployedStripeConv2d`; on CUDA the Triton kernel, :class:`.TritonStripeConv2d`,
    in the model's dtype) or PyTorch's dense convolution (``nn.Conv2d``: cuDNN on CUDA).
    The kernel must win by :data:`MARGIN`.
-3. ReLUs and residual adds after a kernel layer move into its epilogue (shapes propagated on fake tensors).
+3. ReLUs and residual adds after a kernel layer move into its epilogue (shapes propagated on fake tensors);
+   ``nn.MaxPool2d`` becomes :class:`~swp_plugin.layers.pooling.SeparableMaxPool2d` (same function, faster).
 4. The deployed model's outputs are compared with the original's on the example and on a random batch of the
    same shape (``max|diff|/max|y| <= tolerance``), as ``StripePruner.step()`` does; a mismatch raises.
 5. Where a layer runs on the kernel, the traced model gets a TorchScript twin (:mod:`.forward`): plain
@@ -41,6 +42,7 @@ from ..layers.deployed_triton import TritonStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.kernels import triton_stripe
 from ..layers.padding import PLAIN_CONVS
+from ..layers.pooling import SeparableMaxPool2d
 from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
@@ -57,15 +59,16 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 @dataclass
 class DeployReport:
     """What :func:`deploy` did: ``folded`` (conv, norm) pairs, per-layer ``choices`` (name, implementation,
-    times in ms), ``fused`` epilogues, ``threads``, ``traced`` (torch.fx), ``notes`` and ``forward``: what runs a
-    plain inference call (``'frozen'`` / ``'scripted'``: the TorchScript twin, :mod:`.forward`; else
-    ``'eager (why)'``)."""
+    times in ms), ``fused`` epilogues, ``pools`` (max pools made separable), ``threads``, ``traced`` (torch.fx),
+    ``notes`` and ``forward``: what runs a plain inference call (``'frozen'`` / ``'scripted'``: the TorchScript
+    twin, :mod:`.forward`; else ``'eager (why)'``)."""
 
     threads: int
     traced: bool = False
     folded: List[tuple] = field(default_factory=list)
     choices: List[Dict] = field(default_factory=list)
     fused: List[str] = field(default_factory=list)
+    pools: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     forward: str = "eager"
 
@@ -148,6 +151,7 @@ def _passes(model: nn.Module, example_inputs, shapes, dense_convs: bool, fuse: b
         report.folded = _fold_without_trace(deployed, example_inputs if example_inputs is not None
                                             else _zeros(shapes))
     _choose_implementations(deployed, example_inputs, dense_convs, report, choices)
+    report.pools = swap_max_pools(deployed)
     if fuse and report.traced and any(c["impl"] == "kernel" for c in report.choices):
         with torch.no_grad():
             ShapeProp(deployed, fake_mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*_zeros(shapes))
@@ -285,6 +289,18 @@ def _kernel_for(x: torch.Tensor | None, stripe: StripeConv2d, kernel_ok: bool) -
     if x.dtype != torch.float32 or x.device.type != "cpu":
         return None, f"{x.dtype} on {x.device.type}"
     return DeployedStripeConv2d, None
+
+
+def swap_max_pools(model: nn.Module) -> List[str]:
+    """Replace every ``nn.MaxPool2d`` of ``model`` that has a separable form (:mod:`swp_plugin.layers.pooling`:
+    the same function, several times faster on CPU) in place; returns their names."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        fast = SeparableMaxPool2d.from_pool(module)
+        if fast is not None and name:
+            _swap(model, name, fast)
+            swapped.append(name)
+    return swapped
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -21,7 +21,7 @@ from ..layers.checks import placeholder_stripes
 from ..layers.deployed import DeployedStripeConv2d
 from ..layers.stripe_conv import StripeConv2d
 from .graph import fold_batchnorms, fuse_epilogues, trace
-from .pipeline import _candidates, _fold_without_trace, _swap
+from .pipeline import _candidates, _fold_without_trace, _swap, swap_max_pools
 
 IMPLEMENTATIONS = ("kernel", "dense")
 
@@ -77,6 +77,7 @@ def rebuild(model: nn.Module, example: Sequence[Tuple[Sequence[int], torch.dtype
             kernel.append(name)
         elif isinstance(layer, StripeConv2d):
             _swap(deployed, name, layer.to_dense())
+    swap_max_pools(deployed)
     if fuse and traced and kernel:
         with fake:
             inputs = [torch.empty(tuple(s), dtype=d) for s, d in example]

@@ -9,8 +9,8 @@ the layer scripts (``torch.jit.script``), traces and compiles with no Python bet
 
 The layer owns its derived form: files hold the plain folded stripes and indexes only; the packed copy is derived
 again after ``load_state_dict`` and whenever the weight's version changed (:meth:`refresh`, called by the eager
-forward and by the deployed model's TorchScript twin). A write through ``weight.data`` shows no version: call
-:meth:`derive` after one. Where
+forward and by the deployed model's TorchScript twin). An in-place write through ``weight.data`` shows neither a
+version nor new storage: call :meth:`derive` after one. Where
 the kernel cannot run (not built on this machine, a non-float32 or non-CPU input) it computes the same function
 with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_form``: ``'dense'`` or
 ``'stripe'``, see :mod:`swp_plugin.deployment.onnx`).
@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
+from torch._subclasses import FakeTensor
 
 from .checks import check_stripes
 from .functional import position_counts, selection_matrix, stripe_conv_pytorch
@@ -95,7 +96,7 @@ class DeployedStripeConv2d(nn.Module):
         self.tile = cpu_kernel.tile_pixels(self.in_channels, self.out_channels)
         self.counts = position_counts(self.stripe_pos, self.kernel_size)
         self._export_constant = None
-        self._derived_version = self.weight._version
+        self.derived_from = weight_stamp(self.weight)
 
     def _set_derived(self, name: str, value: torch.Tensor) -> None:
         """A derived, non-persistent buffer: written in place where it fits (whoever holds it, e.g. the deployed
@@ -109,9 +110,11 @@ class DeployedStripeConv2d(nn.Module):
 
     @torch.jit.unused
     def refresh(self) -> None:
-        """Derive again if ``weight`` was written in place since the last :meth:`derive` (its version changed) or
+        """Derive again if ``weight`` changed since the last :meth:`derive` (written in place: its version; given
+        new data, e.g. by ``.to()`` round trips or ``weight.data = ...``: its storage) or the packed copy was
         converted; cheap otherwise. The eager forward and the deployed model's TorchScript twin call it."""
-        if self.weight._version != self._derived_version or self.packed.dtype != torch.float32:
+        stale = weight_stamp(self._parameters["weight"]) != self.derived_from
+        if stale or self._buffers["packed"].dtype != torch.float32:
             self.derive()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -180,7 +183,8 @@ class DeployedStripeConv2d(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return True
         if x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernel.available():
-            if not torch.compiler.is_compiling():  # (a compiled graph reads the buffers as they are)
+            # (a compiled graph, and shape propagation on fake tensors, read the buffers as they are)
+            if not torch.compiler.is_compiling() and not isinstance(x, FakeTensor):
                 self.refresh()  # written in place, or converted: pack again
             return False
         if not _warned[0]:
@@ -258,6 +262,12 @@ class DeployedStripeConv2d(nn.Module):
         return (f"Strip({self.in_channels}, {self.num_stripes}), out_channels={self.out_channels}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}"
                 f"{', padding=same_dynamic' if self.same_dynamic else ''}, epilogue={epilogue}")
+
+
+def weight_stamp(weight: torch.Tensor) -> Tuple[int, int]:
+    """What tells a weight's values changed since they were packed: its version (in-place writes) and its storage
+    (new data). Writes through ``weight.data`` in place show neither: call :meth:`DeployedStripeConv2d.derive`."""
+    return weight._version, weight.data_ptr()
 
 
 def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> int:

@@ -51,6 +51,7 @@ constexpr int W = 8;          // output pixels of one vector (lanes)
 constexpr int kVMax = 6;      // most vectors of one register tile
 constexpr int64_t kMaxShift = int64_t{1} << 24, kMaxDim = int64_t{1} << 28;
 constexpr uint32_t kAll = (1u << W) - 1u;
+constexpr int64_t kMinSplit = 16 * W;  // fewest output pixels of a tile split off for a thread (else: channels)
 
 enum Activation : int64_t { kNone = 0, kRelu = 1 };
 
@@ -72,6 +73,14 @@ struct Tap {                // one vector at a panel's position: where it reads,
 
 struct Phase {
   int64_t a, b, hph, wph, offset;  // phase row/col, phase image size, offset in an image's phase buffer
+  int64_t pitch, cstride, origin;  // in the buffer the kernel reads: row and channel strides, offset of (0, 0)
+};
+
+// The zero border around the phase images that makes every shifted read of the panels that meet the image a
+// full vector in bounds: panel shifts within [ymin, ymax] x [xmin, xmax] (0 included); per image, P x C planes
+// of rows x pitch floats, phase pixel (u, v) at (u - ymin) * pitch + v - xmin of its plane.
+struct Border {
+  int64_t ymin = 0, ymax = 0, xmin = 0, xmax = 0, rows = 0, pitch = 0, plane = 0, img = 0;
 };
 
 struct Layer {  // everything an item needs, read-only
@@ -86,6 +95,7 @@ struct Layer {  // everything an item needs, read-only
   int64_t N, C, O, out_h, out_w, act;
   int64_t x_size;
   int64_t kc;              // input channels per block (the block's input tile stays in the L2 cache)
+  const Border* border;    // x holds zero-bordered phase images (every tap a full vector in bounds), or null
 };
 
 struct Item {
@@ -197,15 +207,17 @@ const auto kMasked = make_table<true>(std::make_integer_sequence<int, MR>{});
 // (the phase images are as wide as the output), else each vector lies in one output row
 void make_vectors(const Item& it, const Layer& L, bool flat, std::vector<Vec>& vecs) {
   vecs.clear();
+  vecs.reserve(static_cast<size_t>(it.nb * ((it.q1 - it.q0) / W + (flat ? 1 : (it.q1 - it.q0) / L.out_w + 1))));
   const int64_t ow = L.out_w;
   for (int64_t n = it.n0; n < it.n0 + it.nb; ++n) {
     auto push = [&](int64_t q, int64_t len) {
       Vec v;
       v.n = n, v.out_off = q, v.y0 = q / ow, v.x0 = q % ow;
       v.lanes = len >= W ? kAll : (1u << len) - 1u;
-      for (int64_t i = 0; i < W; ++i) {
-        v.ys[i] = static_cast<int32_t>((q + i) / ow);
-        v.xs[i] = static_cast<int32_t>((q + i) % ow);
+      int32_t y = static_cast<int32_t>(v.y0), x = static_cast<int32_t>(v.x0);
+      for (int i = 0; i < W; ++i) {  // lane i: output pixel q + i (no division per lane)
+        v.ys[i] = y, v.xs[i] = x;
+        if (++x == ow) x = 0, ++y;
       }
       vecs.push_back(v);
     };
@@ -219,13 +231,26 @@ void make_vectors(const Item& it, const Layer& L, bool flat, std::vector<Vec>& v
 }
 
 // lanes of v whose input pixel (y + qy, x + qx) lies inside an hph x wph phase image
+// (coordinates < kMaxDim and shifts < kMaxShift: every sum fits an int32)
 inline uint32_t load_lanes(const Vec& v, int64_t qy, int64_t qx, int64_t hph, int64_t wph) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256i y = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.ys)),
+                                     _mm256_set1_epi32(static_cast<int32_t>(qy)));
+  const __m256i x = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v.xs)),
+                                     _mm256_set1_epi32(static_cast<int32_t>(qx)));
+  const __m256i neg = _mm256_set1_epi32(-1);
+  const __m256i ok = _mm256_and_si256(
+      _mm256_and_si256(_mm256_cmpgt_epi32(y, neg), _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(hph)), y)),
+      _mm256_and_si256(_mm256_cmpgt_epi32(x, neg), _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(wph)), x)));
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(ok))) & v.lanes;
+#else
   uint32_t m = 0;
   for (int i = 0; i < W; ++i) {
     const int64_t y = v.ys[i] + qy, x = v.xs[i] + qx;
     m |= static_cast<uint32_t>(y >= 0 && y < hph && x >= 0 && x < wph) << i;
   }
   return m & v.lanes;
+#endif
 }
 
 struct Work {  // per thread
@@ -264,15 +289,24 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
     while (outs[r0] < it.c0) ++r0;
     while (outs[r1 - 1] >= it.c1) --r1;
     const Phase& ph = (*L.phases)[pr[0]];
-    const int64_t qy = pr[1], qx = pr[2], ldx = ph.hph * ph.wph;
+    const int64_t qy = pr[1], qx = pr[2], ldx = ph.cstride;
+    const Border* bd = L.border;
+    // bordered: a panel that never meets its phase image is outside the border (it adds zeros)
+    if (bd && (qy < bd->ymin || qy > bd->ymax || qx < bd->xmin || qx > bd->xmax)) continue;
     if (pr[0] != key_phase || qy != key_qy || qx != key_qx) {  // the taps of this position
       key_phase = pr[0], key_qy = qy, key_qx = qx;
       wk.taps.clear();
+      wk.taps.reserve(wk.vecs.size());
       for (const Vec& v : wk.vecs) {
-        const uint32_t valid = load_lanes(v, qy, qx, ph.hph, ph.wph);
-        if (!valid) continue;
-        uint32_t load = valid;
-        const float* in = L.x + v.n * L.img_stride + ph.offset + (v.y0 + qy) * ph.wph + v.x0 + qx;
+        uint32_t load = kAll;
+        if (bd) {  // (a vector lies in one output row here) a row of zeros or only border columns: skip it
+          if (v.y0 + qy < 0 || v.y0 + qy >= ph.hph || v.x0 + qx + W <= 0 || v.x0 + qx >= ph.wph) continue;
+        } else {
+          load = load_lanes(v, qy, qx, ph.hph, ph.wph);
+          if (!load) continue;
+        }
+        const uint32_t valid = load;
+        const float* in = L.x + v.n * L.img_stride + ph.origin + (v.y0 + qy) * ph.pitch + v.x0 + qx;
         // every written lane valid and the whole vector inside the buffer: read it unmasked (the lanes not
         // written only feed accumulators that are never stored; masked loads are slow, at page ends above all)
         const int64_t at = (in - L.x);
@@ -282,7 +316,9 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
           const int64_t first = __builtin_ctz(load), last = 31 - __builtin_clz(load);
           SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
           const int64_t vfirst = __builtin_ctz(valid), vlast = 31 - __builtin_clz(valid);
-          SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + ph.offset, C * ldx);
+          const int64_t plane = bd ? bd->plane : ph.hph * ph.wph, start = bd ? ph.origin - bd->ymin * bd->pitch
+                                                                                   - bd->xmin : ph.offset;
+          SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + start, C * plane);
         }
 #endif
         wk.taps.push_back({in, v.n * O * Q + v.out_off, load, v.lanes});
@@ -421,39 +457,69 @@ void few_rows(const Few& F, int64_t n, int64_t r0, int64_t r1) {
       }
 }
 
-// the few-channel path for the whole call (plan already checked)
-void run_few(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
-             const std::vector<Phase>& phases, const Layer& L, const at::Tensor& like) {
-  const int64_t O = L.O, out_h = L.out_h, out_w = L.out_w, P = static_cast<int64_t>(phases.size());
-  // each output channel's stripes (those whose window meets the phase image: the others add zeros)
-  std::vector<std::vector<std::array<int64_t, 4>>> by_out(O);  // phase, qy, qx, packed row index
-  int64_t ymin = 0, ymax = 0, xmin = 0, xmax = 0;
-  const int64_t* pr = L.panels;
-  for (int64_t p = 0; p < L.num_panels; ++p, pr += kHead + MR) {
+// the border of the panels that meet their phase image (plan already checked)
+Border make_border(const int64_t* panels, int64_t num_panels, int64_t out_h, int64_t out_w,
+                   const std::vector<Phase>& phases, int64_t C) {
+  Border bd;
+  const int64_t* pr = panels;
+  for (int64_t p = 0; p < num_panels; ++p, pr += kHead + MR) {
     const Phase& ph = phases[pr[0]];
     const int64_t qy = pr[1], qx = pr[2];
     if (qy >= ph.hph || qy + out_h <= 0 || qx >= ph.wph || qx + out_w <= 0) continue;
-    ymin = std::min(ymin, qy), ymax = std::max(ymax, qy), xmin = std::min(xmin, qx), xmax = std::max(xmax, qx);
-    for (int64_t r = 0; r < pr[3]; ++r) by_out[pr[kHead + r]].push_back({pr[0], qy, qx, p * MR + r});
+    bd.ymin = std::min(bd.ymin, qy), bd.ymax = std::max(bd.ymax, qy);
+    bd.xmin = std::min(bd.xmin, qx), bd.xmax = std::max(bd.xmax, qx);
   }
-  const int64_t rows = out_h + ymax - ymin, pitch = (out_w + W - 1) / W * W + xmax - xmin;
-  const int64_t plane = rows * pitch, img = P * C * plane;
-  at::Tensor bufT = at::zeros({std::max<int64_t>(1, N * img)}, like.options());
+  bd.rows = out_h + bd.ymax - bd.ymin;
+  bd.pitch = (out_w + W - 1) / W * W + bd.xmax - bd.xmin;
+  bd.plane = bd.rows * bd.pitch;
+  bd.img = static_cast<int64_t>(phases.size()) * C * bd.plane;
+  return bd;
+}
+
+// x's phase images with the zero border bd: (N, P, C, rows, pitch)
+at::Tensor bordered_phases(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
+                           const std::vector<Phase>& phases, const Border& bd, const at::Tensor& like) {
+  const int64_t P = static_cast<int64_t>(phases.size());
+  at::Tensor bufT = at::zeros({std::max<int64_t>(1, N * bd.img)}, like.options());
   float* buf = bufT.data_ptr<float>();
   at::parallel_for(0, N * P * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / (P * C), p = (i / C) % P, c = i % C;
       const Phase& ph = phases[p];
       const float* src = x + (n * C + c) * H * W_in;
-      float* d = buf + n * img + (p * C + c) * plane;
-      for (int64_t u = std::max<int64_t>(0, ymin); u < std::min(ph.hph, ymin + rows); ++u) {
+      float* d = buf + n * bd.img + (p * C + c) * bd.plane;
+      for (int64_t u = std::max<int64_t>(0, bd.ymin); u < std::min(ph.hph, bd.ymin + bd.rows); ++u) {
         const float* row = src + (u * sh + ph.a) * W_in + ph.b;
-        float* drow = d + (u - ymin) * pitch - xmin;  // phase column v at drow[v]
-        const int64_t v1 = std::min(ph.wph, pitch + xmin);
-        for (int64_t v = std::max<int64_t>(0, xmin); v < v1; ++v) drow[v] = row[v * sw];
+        float* drow = d + (u - bd.ymin) * bd.pitch - bd.xmin;  // phase column v at drow[v]
+        const int64_t v1 = std::min(ph.wph, bd.pitch + bd.xmin);
+        const int64_t v0 = std::max<int64_t>(0, bd.xmin);
+        if (sw == 1) {
+          if (v1 > v0) std::memcpy(drow + v0, row + v0, static_cast<size_t>(v1 - v0) * sizeof(float));
+        } else {
+          for (int64_t v = v0; v < v1; ++v) drow[v] = row[v * sw];
+        }
       }
     }
   });
+  return bufT;
+}
+
+// the few-channel path for the whole call (plan already checked)
+void run_few(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
+             const std::vector<Phase>& phases, const Layer& L, const at::Tensor& like) {
+  const int64_t O = L.O, out_h = L.out_h, out_w = L.out_w, P = static_cast<int64_t>(phases.size());
+  // each output channel's stripes (those whose window meets the phase image: the others add zeros)
+  std::vector<std::vector<std::array<int64_t, 4>>> by_out(O);  // phase, qy, qx, packed row index
+  const Border bd = make_border(L.panels, L.num_panels, out_h, out_w, phases, C);
+  const int64_t* pr = L.panels;
+  for (int64_t p = 0; p < L.num_panels; ++p, pr += kHead + MR) {
+    const int64_t qy = pr[1], qx = pr[2];
+    if (qy < bd.ymin || qy > bd.ymax || qx < bd.xmin || qx > bd.xmax) continue;  // never meets the image
+    for (int64_t r = 0; r < pr[3]; ++r) by_out[pr[kHead + r]].push_back({pr[0], qy, qx, p * MR + r});
+  }
+  const int64_t ymin = bd.ymin, ymax = bd.ymax, xmin = bd.xmin, pitch = bd.pitch, plane = bd.plane, img = bd.img;
+  const at::Tensor bufT = bordered_phases(x, N, C, H, W_in, sh, sw, phases, bd, like);
+  const float* buf = bufT.data_ptr<float>();
   std::vector<int64_t> ptr(O + 1, 0);
   std::vector<FewStripe> stripes;
   for (int64_t o = 0; o < O; ++o) {
@@ -538,9 +604,10 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
   int64_t per_image = 0;
   bool flat = true;
   for (int64_t p = 0; p < phases_t.size(0); ++p) {
-    Phase ph{pi[2 * p], pi[2 * p + 1], 0, 0, per_image};
+    Phase ph{pi[2 * p], pi[2 * p + 1], 0, 0, per_image, 0, 0, 0};
     ph.hph = H > ph.a ? (H - ph.a + sh - 1) / sh : 0;
     ph.wph = Win > ph.b ? (Win - ph.b + sw - 1) / sw : 0;
+    ph.pitch = ph.wph, ph.cstride = ph.hph * ph.wph, ph.origin = per_image;
     per_image += C * ph.hph * ph.wph;
     flat = flat && ph.wph == out_w;
     phases.push_back(ph);
@@ -551,37 +618,33 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
     const Layer L{nullptr, 0, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                   bias.defined() ? bias.data_ptr<float>() : nullptr,
                   residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                  out_w, act, 0, C};
+                  out_w, act, 0, C, nullptr};
     run_few(x.data_ptr<float>(), N, C, H, Win, sh, sw, phases, L, x);
     return out;
   }
-  // stride 1: the input is the (only) phase image; else split it into its phase images
+  // stride 1: the input is the (only) phase image; else its phase images, each with the zero border that makes
+  // every read a full vector (no masks)
   at::Tensor split;
   const float* xb = x.data_ptr<float>();
   int64_t img_stride = C * H * Win;
-  if (sh > 1 || sw > 1) {
-    split = at::empty({std::max<int64_t>(1, N * per_image)}, x.options());
-    float* dst = split.data_ptr<float>();
-    const int64_t P = static_cast<int64_t>(phases.size());
-    at::parallel_for(0, N * P * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t n = i / (P * C), p = (i / C) % P, c = i % C;
-        const Phase& ph = phases[p];
-        const float* src = xb + (n * C + c) * H * Win;
-        float* d = dst + n * per_image + ph.offset + c * ph.hph * ph.wph;
-        for (int64_t u = 0; u < ph.hph; ++u) {
-          const float* row = src + (u * sh + ph.a) * Win + ph.b;
-          for (int64_t v = 0; v < ph.wph; ++v) d[u * ph.wph + v] = row[v * sw];
-        }
-      }
-    });
-    xb = dst;
-    img_stride = per_image;
+  // (at stride 1 the copy costs more than the masked loads it saves: measured on ResNet56's layers)
+  const bool bordered = sh > 1 || sw > 1;
+  Border bd;
+  if (bordered) {
+    bd = make_border(panels.data_ptr<int64_t>(), panels.size(0), out_h, out_w, phases, C);
+    split = bordered_phases(xb, N, C, H, Win, sh, sw, phases, bd, x);
+    for (int64_t p = 0; p < static_cast<int64_t>(phases.size()); ++p) {
+      Phase& ph = phases[p];
+      ph.pitch = bd.pitch, ph.cstride = bd.plane, ph.origin = p * C * bd.plane - bd.ymin * bd.pitch - bd.xmin;
+    }
+    xb = split.data_ptr<float>();
+    img_stride = bd.img;
+    flat = false;
   }
   const Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                 bias.defined() ? bias.data_ptr<float>() : nullptr,
                 residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                out_w, act, split.defined() ? split.numel() : x.numel(), kc};
+                out_w, act, split.defined() ? split.numel() : x.numel(), kc, bordered ? &bd : nullptr};
 
   // items: whole images (several when small) or pixel tiles of one image, enough for every thread
   const int64_t Q = out_h * out_w;
@@ -595,6 +658,12 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
     } else {
       step = std::max<int64_t>(1, (out_h + tiles - 1) / tiles) * out_w;
     }
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t q = 0; q < Q; q += step) items.push_back({n, 1, q, std::min(Q, q + step), 0, O});
+  } else if (N < threads && Q >= threads * kMinSplit) {  // few images: split each into one tile per thread
+    const int64_t parts = (threads + N - 1) / N;
+    const int64_t step = flat ? ((Q + parts - 1) / parts + W - 1) / W * W
+                              : std::max<int64_t>(1, (out_h + parts - 1) / parts) * out_w;
     for (int64_t n = 0; n < N; ++n)
       for (int64_t q = 0; q < Q; q += step) items.push_back({n, 1, q, std::min(Q, q + step), 0, O});
   } else {
