@@ -42,7 +42,7 @@ from ..layers.deployed_triton import TritonStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.kernels import triton_stripe
 from ..layers.padding import PLAIN_CONVS
-from ..layers.pooling import SeparableMaxPool2d
+from ..layers.pooling import fast_max_pool
 from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
@@ -296,7 +296,7 @@ def swap_max_pools(model: nn.Module) -> List[str]:
     the same function, several times faster on CPU) in place; returns their names."""
     swapped = []
     for name, module in list(model.named_modules()):
-        fast = SeparableMaxPool2d.from_pool(module)
+        fast = fast_max_pool(module)
         if fast is not None and name:
             _swap(model, name, fast)
             swapped.append(name)

@@ -56,6 +56,7 @@ def available() -> bool:
                     if not hasattr(torch.ops.swp_stripe, "forward"):  # another copy of the package loaded it
                         build.load()
                         torch.library.register_fake("swp_stripe::forward")(_fake_forward)
+                        torch.library.register_fake("swp_stripe::max_pool2d")(_fake_max_pool)
                     _state["loaded"] = True
                 except Exception as error:  # no compiler, build error, time limit: fall back, say why once
                     _state["loaded"], _state["error"] = False, f"{type(error).__name__}: {error}"
@@ -67,6 +68,12 @@ def available() -> bool:
 def _fake_forward(x, packed, panels, phases, bias, residual, out_channels, out_h, out_w, sh, sw, tile, act):
     """Shape of the op's output, for ``torch.compile`` / ``torch.export`` (fake tensors)."""
     return x.new_empty((x.shape[0], out_channels, out_h, out_w))
+
+
+def _fake_max_pool(x, kh, kw, sh, sw, ph, pw):
+    """Shape of the max pooling op's output (fake tensors)."""
+    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * ph - kh) // sh + 1,
+                        (x.shape[3] + 2 * pw - kw) // sw + 1))
 
 
 #: stripes (rows) of one weight panel of the kernel (``MR`` in ``stripe_cpu.cpp``)

@@ -27,6 +27,7 @@
 #include <array>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -706,11 +707,63 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
   return out;
 }
 
+// ---------------------------------------------------------------- max pooling
+// Max pooling of x (N, C, H, W) float32, dilation 1, floor mode, padding as -inf (skipped): per plane and output
+// row, the maximum over the window's rows into a row buffer (contiguous, vectorised), then over the window's
+// columns. NaN propagates as in PyTorch's max_pool2d (a NaN is the maximum).
+inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+
+at::Tensor max_pool_forward(const at::Tensor& x_, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+                            int64_t pw) {
+  TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(),
+              "swp_stripe.max_pool2d: x must be float32 CPU (N, C, H, W)");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw &&
+                  kh < kMaxDim && kw < kMaxDim && sh < kMaxDim && sw < kMaxDim,
+              "swp_stripe.max_pool2d: kernel and stride >= 1, padding in [0, kernel / 2]");
+  const at::Tensor x = x_.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), Wd = x.size(3);
+  TORCH_CHECK(H < kMaxDim && Wd < kMaxDim, "swp_stripe.max_pool2d: input too large");
+  const int64_t out_h = (H + 2 * ph - kh) / sh + 1, out_w = (Wd + 2 * pw - kw) / sw + 1;
+  TORCH_CHECK(H + 2 * ph >= kh && Wd + 2 * pw >= kw, "swp_stripe.max_pool2d: input ", H, "x", Wd,
+              " smaller than the window");
+  at::Tensor out = at::empty({N, C, out_h, out_w}, x.options());
+  if (out.numel() == 0) return out;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t padded = Wd + 2 * pw + sw * out_w + kw;  // the row with its -inf border (and slack)
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(static_cast<size_t>(padded), -std::numeric_limits<float>::infinity());
+    float* r = buf.data() + pw;  // input column i at r[i]; r[-pw, 0) and r[Wd, ...) stay -inf
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const float* in = src + plane * H * Wd;
+      float* o = dst + plane * out_h * out_w;
+      for (int64_t y = 0; y < out_h; ++y, o += out_w) {
+        const int64_t y0 = std::max<int64_t>(0, y * sh - ph), y1 = std::min(H, y * sh - ph + kh);
+        std::memcpy(r, in + y0 * Wd, static_cast<size_t>(Wd) * sizeof(float));  // (y0 < y1: padding <= kh / 2)
+        for (int64_t iy = y0 + 1; iy < y1; ++iy) {
+          const float* line = in + iy * Wd;
+          for (int64_t i = 0; i < Wd; ++i) r[i] = nan_max(r[i], line[i]);
+        }
+        const float* rp = r - pw;  // window ox starts at rp[ox * sw] (reads below padded: the slack)
+        SWP_RANGE(rp + (out_w - 1) * sw, kw, buf.data(), padded);
+        for (int64_t ox = 0; ox < out_w; ++ox) o[ox] = rp[ox * sw];
+        for (int64_t j = 1; j < kw; ++j)
+          for (int64_t ox = 0; ox < out_w; ++ox) o[ox] = nan_max(o[ox], rp[ox * sw + j]);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(swp_stripe, m) {
   m.def("forward(Tensor x, Tensor packed, Tensor panels, Tensor phases, Tensor? bias, Tensor? residual, "
         "int out_channels, int out_h, int out_w, int sh, int sw, int tile_pixels, int act) -> Tensor");
+  m.def("max_pool2d(Tensor x, int kh, int kw, int sh, int sw, int ph, int pw) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(swp_stripe, CPU, m) { m.impl("forward", &stripe_conv_forward); }
+TORCH_LIBRARY_IMPL(swp_stripe, CPU, m) {
+  m.impl("forward", &stripe_conv_forward);
+  m.impl("max_pool2d", &max_pool_forward);
+}
