@@ -88,7 +88,7 @@ LIMITATIONS: Tuple[Limitation, ...] = (
 
 #: families whose contract fails for a reason not settled yet (tests/test_timm_contract.py: strict xfail)
 OPEN: Dict[str, str] = {
-    "repvit_m0_9": "the first regularized step's gradients reach ~1e14 with the random skeleton's 30% dead filters "
+    "repvit_m0_9": "the first regularized step's gradients blow up with the random skeleton's 30% dead filters "
                    "(not without them, nor unpruned); its eval outputs overflow and step() refuses. Suspected: "
                    "train-mode BatchNorms over the constant channels of dead filters, before regularize() masks "
                    "them, each multiplying the gradient by 1/sqrt(eps) along residual paths",
