@@ -89,9 +89,10 @@ LIMITATIONS: Tuple[Limitation, ...] = (
 #: families whose contract fails for a reason not settled yet (tests/test_timm_contract.py: strict xfail)
 OPEN: Dict[str, str] = {
     "repvit_m0_9": "the first regularized step's gradients blow up with the random skeleton's 30% dead filters "
-                   "(not without them, nor unpruned); its eval outputs overflow and step() refuses. Suspected: "
-                   "train-mode BatchNorms over the constant channels of dead filters, before regularize() masks "
-                   "them, each multiplying the gradient by 1/sqrt(eps) along residual paths",
+                   "(not without them, nor unpruned); its eval outputs overflow and step() refuses. Masking the "
+                   "BatchNorms the dead filters feed first (what regularize() does) is not enough; suspected: "
+                   "train-mode BatchNorms after a residual sum, which see a dead channel as a constant and multiply "
+                   "its gradient by up to 1/sqrt(eps) each, along the residual path",
 }
 
 
