@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from swp_plugin.testing import (  # noqa: F401 - re-exported for the tests
     rel_err,
 )
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))  # a shared machine: OMP_NUM_THREADS=1
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,38 +1,42 @@
 """The timm contract of a stripe-pruned model (swp_plugin/testing/contract.py): EMA through step(), deep copies,
 script (pruned and deployed), plain fx trace, tp.state_dict, reset_classifier, deployed model under bf16 autocast,
-torch-pruning's counter. One small model by default; one model per family of the sweep under ``-m slow``."""
+torch-pruning's counter. One small model by default; one model per family of the sweep under ``-m slow``, where a
+check may fail only as :data:`~swp_plugin.testing.contract.LIMITATIONS` says (timm's unpruned model failing it the
+same way), and a listed limitation that no longer fails is an error too."""
 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-import torch_pruning as tp
 
-from swp_plugin.testing.contract import CHECKS, run_contract
-from swp_plugin.testing.timm_models import MODELS, REPARAM
+from swp_plugin.testing.contract import CHECKS, LIMITATIONS, OPEN, expected_failures, plain_failure, run_contract
+from swp_plugin.testing.timm_models import MODELS
 
+FAMILIES = {}
+for _name, _family in MODELS.items():
+    FAMILIES.setdefault(_family, _name)
 
-def _fails_without_pruning(name: str) -> str | None:
-    """torch-pruning's tp.load_state_dict on the unpruned timm model (it sets every public attribute it saved,
-    read-only properties of timm's ConvNormAct included): the error, or None."""
-    model = timm.create_model(name.removesuffix(REPARAM), num_classes=10)
-    try:
-        tp.load_state_dict(timm.create_model(name.removesuffix(REPARAM), num_classes=10),
-                           state_dict=tp.state_dict(model))
-    except Exception as err:
-        return f"{type(err).__name__}: {err}"
-    return None
+#: input size of the per-family runs, and where it is too small (inception_v3's reductions leave 64x64 smaller
+#: than the 3x3 kernels of its last stage)
+SIZE = 64
+SIZES = {"inception_v3": 96}
 
 
 def _assert_contract(name: str, size: int) -> None:
-    rec = run_contract(name, size)
-    assert set(rec) == set(CHECKS)
+    try:
+        rec = run_contract(name, size)
+    except Exception as err:  # the set-up (pruning) itself failed: one record
+        rec = {"setup": f"{type(err).__name__}: {err}"}
+    else:
+        assert set(rec) == set(CHECKS)
     failed = {k: v for k, v in rec.items() if v != "ok"}
-    state_dict = failed.pop("tp_state_dict", None)
-    if state_dict is not None:  # only where torch-pruning fails on the plain timm model the same way
-        plain = _fails_without_pruning(name)
-        assert plain is not None and plain.split(":")[0] == state_dict.split(":")[0], (state_dict, plain)
+    expected = expected_failures(name)
+    if "setup" in failed:  # no check ran: only the set-up's own limitation can be held to
+        expected = {k: v for k, v in expected.items() if k == "setup"}
+    for check, reason in expected.items():
+        assert check in failed, f"{name}: {check} works now; remove it from LIMITATIONS ({reason})"
+        plain, pruned = plain_failure(name, check, size), failed.pop(check)
+        assert plain is not None and plain.split(":")[0] == pruned.split(":")[0], (pruned, plain)
     assert not failed, failed
 
 
@@ -41,12 +45,15 @@ def test_contract_on_a_small_timm_resnet():
     _assert_contract("resnet10t", 32)
 
 
-FAMILIES = {}
-for _name, _family in MODELS.items():
-    FAMILIES.setdefault(_family, _name)
+def test_limitations_name_families_of_the_sweep_and_known_checks():
+    for lim in LIMITATIONS:
+        assert lim.check in (*CHECKS, "setup") and lim.reason and set(lim.models) <= set(FAMILIES.values()), lim
+    assert set(OPEN) <= set(FAMILIES.values())
+    assert expected_failures("resnet10t") == {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(FAMILIES.values()))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=OPEN[n])) if n in OPEN
+                                  else n for n in sorted(FAMILIES.values())])
 def test_contract_per_family(name):
-    _assert_contract(name, 64)
+    _assert_contract(name, SIZES.get(name, SIZE))

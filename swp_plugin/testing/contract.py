@@ -4,7 +4,7 @@
 
 Per model: ``timm.create_model(name, num_classes=10, scriptable=True)`` (``@reparam``: reparameterised), a
 ``StripePruner`` with a random sparse skeleton, a ``timm.utils.ModelEmaV3`` taken after it and a deep copy, one
-regularized step (BatchNorm statistics as initialised: calibrated ones on a random net leave float32 exact but
+regularized step (BatchNorm statistics not calibrated: calibrated ones on a random net leave float32 exact but
 make it too ill-conditioned for a bf16 comparison), then :func:`swp_plugin.interop.step_with_ema`, and the checks
 below, each recorded as ``'ok'`` or the error (``max|diff| / max|y|`` against the eager outputs must stay <= 1e-4):
 
@@ -17,6 +17,9 @@ below, each recorded as ``'ok'`` or the error (``max|diff| / max|y|`` against th
 * ``reset_classifier``: ``reset_classifier(5)`` after channel removal, then a forward;
 * ``deploy_script``: ``torch.jit.freeze(torch.jit.script(swp_plugin.deploy(...)))``;
 * ``autocast``: the deployed model under CPU bf16 autocast: within :data:`AUTOCAST_TOLERANCE` of float32.
+
+:data:`LIMITATIONS` lists the checks that fail on a family with or without pruning (timm's or torch-pruning's
+code, not the plug-in's), with the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ import argparse
 import copy
 import json
 import sys
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
@@ -48,7 +53,93 @@ AUTOCAST_TOLERANCE = 0.05
 CHECKS = ("counts", "copy", "ema", "script", "fx", "tp_state_dict", "reset_classifier", "deploy_script", "autocast")
 
 
+@dataclass(frozen=True)
+class Limitation:
+    """A check that fails on ``models`` with or without pruning (timm's own unpruned model fails it the same way:
+    :func:`plain_failure`), so it is not the plug-in's to fix; ``reason`` says why."""
+
+    check: str
+    models: Tuple[str, ...]
+    reason: str
+
+
+#: what fails on the sweep's timm families for a reason outside the plug-in (README, "Inside a torch-pruning /
+#: timm pipeline"; ``tests/test_timm_contract.py`` fails when one of them starts to pass)
+LIMITATIONS: Tuple[Limitation, ...] = (
+    Limitation("tp_state_dict", ("cspresnet50", "darknet17", "dpn48b", "ese_vovnet19b_dw", "fastvit_t8", "gernet_s",
+                                 "inception_v3", "lambda_resnet26t", "mobilenetv4_conv_small_035", "mobileone_s0",
+                                 "mobilevit_xxs", "regnetx_002", "regnetz_005", "repvgg_a0", "resnext26ts",
+                                 "rexnet_100", "skresnet18", "tresnet_m", "xception41"),
+               "tp.load_state_dict sets every public attribute tp.state_dict saved, and timm's ConvNormAct has a "
+               "read-only in_channels property (AttributeError)"),
+    Limitation("fx", ("efficientvit_b0",), "timm's LiteMLA branches on a traced tensor's device "
+                                           "(efficientvit_mit.py: `v.device.type != 'meta'`)"),
+    Limitation("fx", ("mobilevit_xxs",), "timm's MobileVitBlock branches on the traced input size "
+                                         "(mobilevit.py: `if new_h != H or new_w != W`)"),
+    Limitation("fx", ("vgg11_bn",), "timm's ConvMlp branches on the traced input size "
+                                    "(vgg.py: `if x.shape[-2] < self.input_kernel_size ...`)"),
+    Limitation("script", ("hrnet_w18_small",), "torch.jit.script cannot type timm's HRNet, which passes lists of "
+                                               "tensors between its stages"),
+    Limitation("script", ("selecsls42b",), "torch.jit.script cannot type timm's SelecSls blocks (torch.cat of a "
+                                           "value it infers as one Tensor)"),
+    Limitation("setup", ("inception_v3",), "one SGD step (lr 0.01) of the random-init net makes its eval outputs "
+                                           "NaN, unpruned too, so step() refuses (ValueError: NaN/Inf outputs)"),
+)
+
+#: families whose contract fails for a reason not settled yet (tests/test_timm_contract.py: strict xfail)
+OPEN: Dict[str, str] = {
+    "repvit_m0_9": "the first regularized step's gradients blow up with the random skeleton's 30% dead filters "
+                   "(not without them, nor unpruned); its eval outputs overflow and step() refuses. Masking the "
+                   "BatchNorms the dead filters feed first (what regularize() does) is not enough; suspected: "
+                   "train-mode BatchNorms after a residual sum, which see a dead channel as a constant and multiply "
+                   "its gradient by up to 1/sqrt(eps) each, along the residual path",
+}
+
+
+def expected_failures(name: str) -> Dict[str, str]:
+    """``{check: reason}`` of the :data:`LIMITATIONS` of timm model ``name``."""
+    return {lim.check: lim.reason for lim in LIMITATIONS if name in lim.models}
+
+
+def plain_failure(name: str, check: str, size: int = 64) -> str | None:
+    """``check`` (``fx``, ``script``, ``tp_state_dict`` or ``setup``: one SGD step as the contract's, then an eval
+    forward that must be finite) on timm's fresh, unpruned model ``name``: the error (``Type: first line``), or
+    ``None`` when it works."""
+    model = _create(name)
+    runs: Dict[str, Callable[[], object]] = {
+        "fx": lambda: torch.fx.symbolic_trace(model),
+        "script": lambda: torch.jit.script(model),
+        "tp_state_dict": lambda: tp.load_state_dict(_create(name), state_dict=tp.state_dict(model)),
+        "setup": lambda: _finite_after_a_step(model, _input(size)),
+    }
+    try:
+        runs[check]()
+    except Exception as err:
+        return _error(err)
+    return None
+
+
+def _input(size: int) -> torch.Tensor:
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _finite_after_a_step(model: nn.Module, x: torch.Tensor) -> None:
+    """One step of :func:`.exactness.regularized_step` without skeletons; ``ValueError`` if the eval outputs are
+    then not finite."""
+    regularized_step(model, SimpleNamespace(regularize=lambda m: None), x)
+    with torch.no_grad():
+        if not torch.isfinite(model.eval()(x)).all():
+            raise ValueError("the model's outputs hold NaN/Inf after one SGD step")
+
+
+def _error(err: BaseException) -> str:
+    """``Type: the message's first non-empty line`` (200 characters at most)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+
+
 def _create(name: str) -> nn.Module:
+    """timm model ``name`` in eval mode (``@reparam``: reparameterised)."""
     model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10, scriptable=True)
     return reparameterize_model(model.eval()) if name.endswith(REPARAM) else model.eval()
 
@@ -70,14 +161,14 @@ def _check(rec: Dict[str, str], name: str, fn: Callable[[], str]) -> None:
     try:
         rec[name] = fn()
     except Exception as err:  # recorded: the contract is a table of what works
-        rec[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        rec[name] = _error(err)
 
 
 def run_contract(name: str, size: int = 64, checks=CHECKS) -> Dict[str, str]:
     """The contract checks on timm model ``name`` at ``size`` x ``size`` (see the module docstring)."""
     torch.manual_seed(0)
     model = _create(name)
-    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = _input(size)
     counts: List[str] = [e for e in [_counts_agree(model, x[:1])] if e]
     pruner = StripePruner(model, x[:1], ignored_layers=[model.get_classifier()])
     counts += [e for e in [_counts_agree(model, x[:1])] if e]

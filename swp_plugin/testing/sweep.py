@@ -6,7 +6,8 @@ coverage benchmark (``benchmarks/timm_coverage.py``) and the memory-safety sweep
 
 Per model (:func:`run_swp`): ``timm.create_model(name, num_classes=10)``, a ``StripePruner`` with a random
 sparse skeleton (half the stripes, 30% of the filters dead), one regularized training step, BatchNorm
-calibration, eval outputs before / after ``step()`` (exact if ``max|diff|/max|y| <= 1e-4``), then one
+calibration, eval outputs before / after ``step()`` (exact if ``max|diff|/max|y| <= 1e-4``, or within ten times
+the model's own float32 rounding where that is larger: :func:`exactness_tolerance`), then one
 fine-tuning step of the pruned model (train-mode forward, backward, SGD step) and an eval forward. Running
 many models in one process is the point: heap damage done by one shows in a later one, where a process per
 model would hide it. :func:`run_tp` is the benchmark's anchor, torch-pruning's own channel pruner. Both take a
@@ -17,7 +18,6 @@ layers producing the outputs ignored, the loss summed and the exactness checked 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -32,16 +32,21 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from timm.utils.model import reparameterize_model
 
+from ..layers.config import use_backend
 from ..layers.stripe_conv import StripeConv2d
 from ..measure import count_ops_and_params
 from ..pruning import StripePruner
-from ..utils import flat_outputs, run_with_hooks
+from ..utils import flat_outputs, probe_inputs, run_with_hooks
 from . import torchvision_models
 from .exactness import calibrate_bn, randomize_skeletons, regularized_step, rel_err
+from .rounding import float32_rounding, layer_errors, markdown, stripe_forms
 from .timm_models import FLOAT64, MODELS, REPARAM, SIZES
 
-#: max|diff| / max|y| of the logits that counts as exact
+#: max|diff| / max|y| of the logits that counts as exact, at least (see :func:`exactness_tolerance`)
 TOLERANCE = 1e-4
+#: a float32 model is exact within this many times its own float32 rounding (two float32 forwards that sum in
+#: different orders, each about that far from float64, differ by a few times it; a defect is not bounded by it)
+ROUNDING_FACTOR = 10.0
 
 NUM_CLASSES = 10
 #: the model lists and per-model input sizes by source
@@ -145,35 +150,63 @@ class Stages:
         return self.rec
 
 
+def prepare(name: str, size: int = 96, source: str = "timm", stage: Callable[[str], None] = lambda s: None,
+            rec: dict | None = None):
+    """The protocol up to ``step()``: ``(model, x, pruner)`` with a random sparse skeleton, one regularized step
+    and calibrated BatchNorm (eval mode). ``stage(name)`` is called as each stage starts; ``rec`` gets the counts
+    and the pruner's figures."""
+    rec = {} if rec is None else rec
+    stage("create")
+    model, x = make_model(name, size, source)
+    stage("count_before")
+    macs, params = count_ops_and_params(model, x[:1])
+    rec.update(macs_before=float(macs), params_before=int(params))
+    rec.update({k + "_before": v for k, v in channel_counts(model).items()})
+
+    stage("pruner")
+    t = time.perf_counter()
+    pruner = StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=output_layers(model, source))
+    rec["t_pruner"] = time.perf_counter() - t
+    rec["skeletons"] = len(pruner.skeletons)
+    rec["skipped"] = len(pruner.skipped)
+    rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
+    modules = dict(model.named_modules())
+    rec.update(stripe_macs_share(model, [modules[n] for n in pruner.skeletons], x, rec["macs_before"]))
+
+    stage("skeleton")
+    randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
+    stage("regularize")
+    regularized_step(model, pruner, x, loss_fn=model_loss)
+    stage("calibrate")
+    calibrate_bn(model, x)
+    return model, x, pruner
+
+
+def exactness_tolerance(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """``(tolerance, rounding)``: the model's own float32 rounding (:func:`float32_rounding` on ``x`` and on
+    ``step()``'s probes, the worst) and the tolerance of the exactness checks, ``max(TOLERANCE, ROUNDING_FACTOR *
+    rounding)``. A model that is not float32 has no float32 rounding to measure: ``(TOLERANCE, 0.0)``."""
+    if next(model.parameters()).dtype != torch.float32:
+        return TOLERANCE, 0.0
+    rounding = max(float32_rounding(model, inputs) for inputs in [x, *probe_inputs(x[:1])])
+    return max(TOLERANCE, ROUNDING_FACTOR * rounding), rounding
+
+
 def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None = None, source: str = "timm") -> dict:
     """The SWP pipeline on one model, in this process. Returns the record; never raises (errors are recorded
     with the stage they happened in). ``progress(record)`` is called when each stage starts."""
     rec: dict = {"status": "running", "stage": None}
     stage = Stages(rec, progress)
     try:
-        stage("create")
-        model, x = make_model(name, size, source)
-        stage("count_before")
-        macs, params = count_ops_and_params(model, x[:1])
-        rec.update(macs_before=float(macs), params_before=int(params))
-        rec.update({k + "_before": v for k, v in channel_counts(model).items()})
-
-        stage("pruner")
-        t = time.perf_counter()
-        pruner = StripePruner(model, x[:1], sr=1e-4, threshold=0.05, ignored_layers=output_layers(model, source))
-        rec["t_pruner"] = time.perf_counter() - t
-        rec["skeletons"] = len(pruner.skeletons)
-        rec["skipped"] = len(pruner.skipped)
-        rec["skipped_reasons"] = dict(Counter(str(r)[:160] for r in pruner.skipped.values()).most_common(5))
-        modules = dict(model.named_modules())
-        rec.update(stripe_macs_share(model, [modules[n] for n in pruner.skeletons], x, rec["macs_before"]))
-
-        stage("skeleton")
-        randomize_skeletons(pruner, dead_stripes=0.5, dead_filters=0.3)
-        stage("regularize")
-        regularized_step(model, pruner, x, loss_fn=model_loss)
-        stage("calibrate")
-        calibrate_bn(model, x)
+        model, x, pruner = prepare(name, size, source, stage, rec)
+        stage("rounding")
+        try:
+            tolerance, rec["float32_rounding"] = exactness_tolerance(model, x)
+        except Exception as err:  # no float64 copy of this model: the floor alone, and why
+            tolerance, rec["float32_rounding"], rec["rounding_error"] = TOLERANCE, 0.0, error_info(err)["error"]
+        rec["tolerance"] = tolerance
+        if rec["float32_rounding"]:  # a float32 model: step() checks with the same rule
+            pruner.tolerance = tolerance
         with torch.no_grad():
             y0 = model(x)
 
@@ -195,7 +228,7 @@ def run_swp(name: str, size: int = 96, progress: Callable[[dict], None] | None =
         stage("finetune")
         _finetune_step(rec, model, x)
         stage(None)
-        rec["status"] = "exact" if rec["rel_err"] <= TOLERANCE else "inexact"
+        rec["status"] = "exact" if rec["rel_err"] <= tolerance else "inexact"
     except Exception as err:  # recorded, the sweep goes on
         rec["status"] = "error"
         rec.update(error_info(err))
@@ -292,13 +325,32 @@ SWEEP = [n for n in MODELS if n not in {"gcresnet33ts", "mobilenetv4_hybrid_medi
                                          "lambda_resnet26t", "hrnet_w18_small", "vovnet39a", "hgnet_tiny"}][:40]
 
 
-@torch.no_grad()
-def float32_rounding(name: str, size: int) -> float:
-    """``max|diff| / max|y|`` of the unpruned model's float32 logits against its float64 ones (after the sweep's
-    BatchNorm calibration): the float32 error the network has anyway."""
+def unpruned_rounding(name: str, size: int) -> float:
+    """:func:`float32_rounding` of the fresh, unpruned model after the sweep's BatchNorm calibration."""
     model, x = make_model(name, size)
     calibrate_bn(model, x)
-    return rel_err(model(x).double(), copy.deepcopy(model).double()(x.double()))
+    return float32_rounding(model, x)
+
+
+def per_layer_report(name: str, size: int) -> str:
+    """The sweep's pruned model (``step()`` run under the ``dense`` backend, so that it always completes), layer by
+    layer in float32 against float64 (:func:`.rounding.layer_errors`), after what the exactness check sees: each
+    form's logits against the float32 logits before ``step()``, and the model's own float32 rounding there."""
+    model, x, pruner = prepare(name, size)
+    tolerance, rounding = exactness_tolerance(model, x)
+    with torch.no_grad():
+        y0 = model(x)
+    with use_backend("dense"):
+        pruner.step()
+    forms = stripe_forms()
+    checked = []
+    for form in forms:
+        with torch.no_grad(), use_backend(form):
+            checked.append(f"{form} {rel_err(y0, model(x)):.1e}")
+    logits, rows = layer_errors(model, x, forms)
+    return "\n".join([f"{name} at {size}x{size}: float32 rounding before step() {rounding:.1e} (tolerance "
+                      f"{tolerance:.1e}); after step(), against the float32 logits before it: {', '.join(checked)}",
+                      "", markdown(logits, rows)])
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -309,11 +361,17 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--json", help="write the records here")
     parser.add_argument("--float64", action="store_true", help="run the models in float64 (rounding or defect?)")
     parser.add_argument("--rounding", action="store_true", help="only print each unpruned model's float32 error")
+    parser.add_argument("--per-layer", action="store_true", help="only print each pruned model's float32 error "
+                        "against float64, layer by layer, per stripe form (swp_plugin.testing.rounding)")
     args = parser.parse_args(argv)
     names = [n for n in args.models.split(",") if n]
     if args.rounding:
         for name in names:
-            print(f"{name}: unpruned float32 vs float64 {float32_rounding(name, SIZES.get(name, args.size)):.1e}")
+            print(f"{name}: unpruned float32 vs float64 {unpruned_rounding(name, SIZES.get(name, args.size)):.1e}")
+        return 0
+    if args.per_layer:
+        for name in names:
+            print(per_layer_report(name, SIZES.get(name, args.size)) + "\n")
         return 0
     if args.float64:
         FLOAT64.update(names)

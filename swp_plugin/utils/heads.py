@@ -23,9 +23,10 @@ def _channels(t: torch.Tensor, fmt: str) -> int:
 @torch.no_grad()
 def sync_feature_sizes(model: nn.Module, example_inputs) -> Dict[str, int]:
     """Set timm's ``num_features`` / ``head_hidden_size`` (and a head module's stale ``in_features`` /
-    ``num_features``) of ``model`` to the sizes measured on ``example_inputs``; a model without timm's
-    ``forward_features`` / ``forward_head`` API (or whose ``forward_features`` does not run on ``example_inputs``) is
-    left alone. Returns ``{attribute: new value}`` of what changed."""
+    ``num_features``, also of a head fed by a pre-logits MLP) of ``model`` to the sizes measured on
+    ``example_inputs``; a model without timm's ``forward_features`` / ``forward_head`` API (or whose
+    ``forward_features`` does not run on ``example_inputs``) is left alone. Returns ``{attribute: new value}`` of
+    what changed."""
     if not all(hasattr(model, a) for a in ("forward_features", "forward_head", "num_features")):
         return {}
     was_training = model.training
@@ -44,12 +45,32 @@ def sync_feature_sizes(model: nn.Module, example_inputs) -> Dict[str, int]:
     changed: Dict[str, int] = {}
     if old != new:
         model.num_features = changed["num_features"] = new
-        for name, module in model.named_modules():  # ClassifierHead and the like keep their own copy
-            if type(module).__name__.endswith("Head") and getattr(module, "in_features", None) == old:
+        for name, module in _heads(model):  # ClassifierHead and the like keep their own copy
+            if getattr(module, "in_features", None) == old:
                 module.in_features = changed[f"{name}.in_features"] = new
                 if getattr(module, "num_features", None) == old and not getattr(module, "hidden_size", None):
                     module.num_features = new
     hidden = _channels(pre_logits, fmt if pre_logits.dim() == 4 else "NLC")
-    if getattr(model, "head_hidden_size", hidden) != hidden:
+    old_hidden = getattr(model, "head_hidden_size", hidden)
+    if old_hidden != hidden:
         model.head_hidden_size = changed["head_hidden_size"] = hidden
+        for name, module in _heads(model):  # a head after a pre-logits MLP (VGG's ConvMlp) reads its width
+            if getattr(module, "in_features", None) == old_hidden and _classifier_inputs(module) == hidden:
+                module.in_features = changed[f"{name}.in_features"] = hidden
+                if getattr(module, "num_features", None) == old_hidden:
+                    module.num_features = hidden
     return changed
+
+
+def _heads(model: nn.Module):
+    """``(name, module)`` of timm's head modules (``ClassifierHead``, ``NormMlpClassifierHead``...)."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("Head")]
+
+
+def _classifier_inputs(head: nn.Module) -> int | None:
+    """The input width of a head's classifier ``fc`` (a ``Linear`` or a 1x1 conv) when the head has no hidden
+    layer of its own, else ``None``."""
+    fc = getattr(head, "fc", None)
+    if getattr(head, "hidden_size", None) or not isinstance(fc, (nn.Linear, nn.Conv2d)):
+        return None
+    return fc.in_features if isinstance(fc, nn.Linear) else fc.in_channels
