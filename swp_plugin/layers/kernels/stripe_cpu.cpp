@@ -317,8 +317,9 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
           const int64_t first = __builtin_ctz(load), last = 31 - __builtin_clz(load);
           SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
           const int64_t vfirst = __builtin_ctz(valid), vlast = 31 - __builtin_clz(valid);
-          const int64_t plane = bd ? bd->plane : ph.hph * ph.wph, start = bd ? ph.origin - bd->ymin * bd->pitch
-                                                                                   - bd->xmin : ph.offset;
+          // (bordered: the phase's planes start at origin + ymin * pitch + xmin, ymin and xmin <= 0)
+          const int64_t plane = bd ? bd->plane : ph.hph * ph.wph, start = bd ? ph.origin + bd->ymin * bd->pitch
+                                                                                   + bd->xmin : ph.offset;
           SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + start, C * plane);
         }
 #endif
