@@ -173,6 +173,11 @@ def test_kernel_small_image_batch_path_with_epilogue(size, batch):
     with torch.no_grad():
         conv.weight.mul_(mask[:, None])
     x, res = torch.randn(batch, 24, *size), torch.randn(batch, 20, *size)
+    _assert_epilogues(conv, mask, x, res)
+
+
+def _assert_epilogues(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, res: torch.Tensor) -> None:
+    """The deployed layer of ``conv`` (stripes ``mask``) equals it with and without the residual + ReLU epilogue."""
     for act, residual in (("none", False), ("relu", True)):
         layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act=act, residual=residual)
         with torch.no_grad():
@@ -209,12 +214,7 @@ def test_kernel_few_input_channels_path_with_epilogue(cin, kernel, stride, paddi
         conv.weight.mul_(mask[:, None])
     x = torch.randn(3, cin, *size)
     res = torch.randn(conv(x).shape)
-    for act, residual in (("none", False), ("relu", True)):
-        layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act=act, residual=residual)
-        with torch.no_grad():
-            want = conv(x) + (res if residual else 0)
-            want = torch.relu(want) if act == "relu" else want
-            assert rel_err(want, layer(x, res if residual else None)) < 1e-5
+    _assert_epilogues(conv, mask, x, res)
 
 
 @needs_cpp
