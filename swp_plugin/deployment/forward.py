@@ -56,7 +56,7 @@ class _KernelState:
         self.layers = layers
         self.weights = [m._parameters["weight"] for m in layers]
         self.biases = [m._parameters["bias"] for m in layers]
-        self.packed = [m._buffers["packed"] for m in layers]
+        self.packed = [m._buffers.get("packed") for m in layers]  # (None: a Triton layer packs nothing)
         self.stamps = self._stamps()
 
     def _stamps(self) -> List[Tuple[int, int]]:

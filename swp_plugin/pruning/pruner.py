@@ -170,18 +170,11 @@ class StripePruner(tp.pruner.BasePruner):
     threshold = property(lambda self: self.options.threshold)
     target = property(lambda self: self.options.target)
     verify = property(lambda self: self.options.verify)
-    names = property(lambda self: self.state.names)
-    skipped = property(lambda self: self.state.skipped)
+    names, skipped = property(lambda self: self.state.names), property(lambda self: self.state.skipped)
 
-    @property
-    def tolerance(self) -> float:
-        """The exactness tolerance of ``step()`` (``max|diff| / max|y|``); may be set between steps, e.g. to a
-        multiple of the model's own float32 rounding measured on it (``swp_plugin.testing.sweep``)."""
-        return self.options.tolerance
-
-    @tolerance.setter
-    def tolerance(self, value: float) -> None:
-        self.options.tolerance = check_number("tolerance", value)
+    #: ``step()``'s exactness tolerance (``max|diff| / max|y|``), settable, e.g. to 10x the model's float32 rounding
+    tolerance = property(lambda self: self.options.tolerance,
+                         lambda self, value: setattr(self.options, "tolerance", check_number("tolerance", value)))
 
     def forward(self, model: nn.Module, inputs):
         """Run ``model`` on example inputs: torch-pruning's ``forward_fn`` if given, else ``model(*inputs)``."""
