@@ -39,6 +39,14 @@ def _eager(deployed: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
         handle.remove()
 
 
+def _assert_twin_follows(deployed: nn.Module, x: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """After a change of the weights: the twin still runs, equals the eager forward, and the output changed."""
+    after = deployed(x)
+    eager, _ = _eager(deployed, x)
+    assert deployed.forward_form != "eager" and rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+    return after
+
+
 @needs_cpp
 @torch.no_grad()
 def test_deployed_model_runs_its_twin_and_matches_the_eager_forward(setup):
@@ -64,9 +72,7 @@ def test_twin_reads_the_modules_own_tensors(setup):
     before = deployed(x)
     state = {k: v * 0.5 if v.is_floating_point() else v for k, v in deployed.state_dict().items()}
     deployed.load_state_dict(state)  # in place
-    after = deployed(x)
-    eager, _ = _eager(deployed, x)
-    assert deployed.forward_form != "eager" and rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+    _assert_twin_follows(deployed, x, before)
 
 
 @needs_cpp
@@ -82,9 +88,7 @@ def test_new_weight_data_is_packed_again_before_the_next_call(setup):
     for m in deployed.modules():
         if isinstance(m, DeployedStripeConv2d):
             m.weight.data = m.weight.data * 0.5
-    after = deployed(x)
-    eager, _ = _eager(deployed, x)
-    assert deployed.forward_form != "eager" and rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+    after = _assert_twin_follows(deployed, x, before)
     fresh = deploy(model, x, choices=forced)
     for m, f in zip(deployed.modules(), fresh.modules()):
         if isinstance(m, DeployedStripeConv2d):

@@ -73,7 +73,7 @@ struct Tap {                // one vector at a panel's position: where it reads,
 };
 
 struct Phase {
-  int64_t a, b, hph, wph, offset;  // phase row/col, phase image size, offset in an image's phase buffer
+  int64_t a, b, hph, wph;          // phase row/col, phase image size
   int64_t pitch, cstride, origin;  // in the buffer the kernel reads: row and channel strides, offset of (0, 0)
 };
 
@@ -318,8 +318,8 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
           SWP_RANGE(in + first, (C - 1) * ldx + last - first + 1, L.x, L.x_size);
           const int64_t vfirst = __builtin_ctz(valid), vlast = 31 - __builtin_clz(valid);
           // (bordered: the phase's planes start at origin + ymin * pitch + xmin, ymin and xmin <= 0)
-          const int64_t plane = bd ? bd->plane : ph.hph * ph.wph, start = bd ? ph.origin + bd->ymin * bd->pitch
-                                                                                   + bd->xmin : ph.offset;
+          const int64_t plane = bd ? bd->plane : ph.hph * ph.wph;
+          const int64_t start = bd ? ph.origin + bd->ymin * bd->pitch + bd->xmin : ph.origin;
           SWP_RANGE(in + vfirst, (C - 1) * ldx + vlast - vfirst + 1, L.x + v.n * L.img_stride + start, C * plane);
         }
 #endif
@@ -603,14 +603,13 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
 
   std::vector<Phase> phases;
   const int64_t* pi = phases_t.data_ptr<int64_t>();
-  int64_t per_image = 0;
   bool flat = true;
   for (int64_t p = 0; p < phases_t.size(0); ++p) {
-    Phase ph{pi[2 * p], pi[2 * p + 1], 0, 0, per_image, 0, 0, 0};
+    Phase ph{pi[2 * p], pi[2 * p + 1], 0, 0, 0, 0, 0};
     ph.hph = H > ph.a ? (H - ph.a + sh - 1) / sh : 0;
     ph.wph = Win > ph.b ? (Win - ph.b + sw - 1) / sw : 0;
-    ph.pitch = ph.wph, ph.cstride = ph.hph * ph.wph, ph.origin = per_image;
-    per_image += C * ph.hph * ph.wph;
+    // as read at stride 1 (one phase, check_plan: the input itself); bordered strides set their own below
+    ph.pitch = ph.wph, ph.cstride = ph.hph * ph.wph, ph.origin = 0;
     flat = flat && ph.wph == out_w;
     phases.push_back(ph);
   }
