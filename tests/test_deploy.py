@@ -57,6 +57,22 @@ def test_paper_nets_fold_fuse_and_match(net):
 
 
 @needs_cpp
+def test_relu_behind_timm_identities_runs_in_the_epilogue():
+    """timm's BasicBlock: conv1 -> bn1 -> drop_block (Identity) -> act1 -> aa (Identity): the ReLU is fused
+    through the Identities, so no ReLU is left in the deployed graph."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    model = _pruned(model, x)
+    forced = {n: "kernel" for n, m in model.named_modules() if isinstance(m, StripeConv2d)}
+    deployed = _check(model, x, choices=forced)
+    fused = deployed.deploy_report.fused
+    assert all(any(line.startswith(f"layer{i}.{j}.conv1: ") and line.endswith("relu") for line in fused)
+               for i in range(1, 5) for j in range(2))
+    assert not any(isinstance(m, (nn.ReLU, nn.Identity)) for m in deployed.modules())
+
+
+@needs_cpp
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "efficientnet_b0", "tf_efficientnet_b0",
                                   "densenet121", "regnetx_002"])
 def test_timm_nets_match_after_deploy(name):
@@ -75,7 +91,8 @@ def test_every_layer_forced_onto_the_kernel_and_onto_dense(monkeypatch):
     model = _pruned(resnet56(width=0.5), torch.randn(4, 3, 32, 32))
     x = torch.randn(4, 3, 32, 32)
     for winner in ("kernel", "dense"):
-        monkeypatch.setattr(deployment, "fastest", lambda runs, w=winner: {k: float(k != w) for k in runs})
+        monkeypatch.setattr(deployment, "time_choice", lambda dense, kernel, x, w=winner: {
+            k: float(k != w) for k in ("dense", "kernel")})
         deployed = _check(model, x)
         assert {c["impl"] for c in deployed.deploy_report.choices} == {winner}
 

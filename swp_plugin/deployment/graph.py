@@ -7,7 +7,8 @@ BatchNorms (timm's ``BatchNormAct2d`` included) and timm's no-trace modules as l
 * :func:`fold_batchnorms`: ``conv -> BatchNorm`` (eval-mode statistics; the conv's output read by nothing else)
   becomes the conv with scaled weights and a shifted bias; a ``BatchNormAct2d`` leaves its activation behind.
 * :func:`fuse_epilogues`: ``DeployedStripeConv2d -> relu`` and ``DeployedStripeConv2d -> add(other) [-> relu]``
-  (same shapes, no broadcast) run in the kernel's epilogue.
+  (same shapes, no broadcast) run in the kernel's epilogue; ``nn.Identity`` calls between them (timm's
+  ``drop_block`` and ``aa`` in eval) are dropped first.
 """
 
 from __future__ import annotations
@@ -157,7 +158,13 @@ def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
     """Move ReLUs and residual adds that follow a ``DeployedStripeConv2d`` into its epilogue (in place). Needs
     shape metadata (``torch.fx.passes.shape_prop.ShapeProp``), and drops it. Returns what was fused, one line per
     layer."""
-    modules, calls, fused = dict(gm.named_modules()), _module_calls(gm), []
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):  # nn.Identity (timm's eval-time drop_block, aa) between a conv and its ReLU
+        if (node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1
+                and not node.kwargs and isinstance(node.args[0], fx.Node)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    calls, fused = _module_calls(gm), []
     for node in list(gm.graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(layer, DeployedStripeConv2d) or layer.residual or layer.act != "none":

@@ -10,7 +10,8 @@ spirit of ``torch.ao``'s ``convert``: a new model is returned, the input model i
    implementation is measured once on the layer's input for the example's shape and this thread count: the
    compiled stripe kernel (:class:`.DeployedStripeConv2d`; on CUDA the Triton kernel, :class:`.TritonStripeConv2d`,
    in the model's dtype) or PyTorch's dense convolution (``nn.Conv2d``: cuDNN on CUDA).
-   The kernel must win by :data:`MARGIN`.
+   The kernel must win by :data:`MARGIN`; layers faster than :data:`SMALL_LAYER_S` are timed inside TorchScript,
+   as the deployed model runs them (Python's call overhead would decide otherwise).
 3. ReLUs and residual adds after a kernel layer move into its epilogue (shapes propagated on fake tensors);
    ``nn.MaxPool2d`` becomes :class:`~swp_plugin.layers.pooling.SeparableMaxPool2d` (same function, faster).
 4. The deployed model's outputs are compared with the original's on the example and on a random batch of the
@@ -46,12 +47,15 @@ from ..layers.pooling import fast_max_pool
 from ..layers.stripe_conv import StripeConv2d
 from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
-from ..utils import fastest, flat_outputs, probe_inputs, run_model, swap_module, synchronized
+from ..utils import fastest, fastest_in_script, flat_outputs, probe_inputs, run_model, swap_module, synchronized
 from .forward import attach_twin, detach_twin
 from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
 
 #: the kernel replaces PyTorch's dense convolution only if it is at least this much faster
 MARGIN = 0.97
+#: on CPU, a layer faster than this (seconds, timed from Python) is timed again inside TorchScript: Python's
+#: call overhead would otherwise decide the choice
+SMALL_LAYER_S = 5e-4
 #: default ``max|diff| / max|y|`` of the final check, by dtype
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -250,11 +254,21 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
         if given is not None:
             choice["impl"] = "kernel"
         else:
-            times = fastest(synchronized({"dense": partial(dense, x), "kernel": partial(candidate, x)}, x.device))
+            times = time_choice(dense, candidate, x)
             choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
                           dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
         _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
         report.choices.append(choice)
+
+
+def time_choice(dense: nn.Module, kernel: nn.Module, x: torch.Tensor) -> Dict[str, float]:
+    """Seconds per call of the two implementations of a layer on its input ``x``, side by side; on CPU a layer
+    faster than :data:`SMALL_LAYER_S` is timed again inside TorchScript, as the deployed model's twin runs it."""
+    times = fastest(synchronized({"dense": partial(dense, x), "kernel": partial(kernel, x)}, x.device))
+    if x.device.type == "cpu" and min(times.values()) < SMALL_LAYER_S:
+        calls = max(4, min(256, int(2e-3 / max(1e-6, min(times.values())))))
+        times = fastest_in_script({"dense": dense, "kernel": kernel}, x, calls) or times
+    return times
 
 
 def _layer_inputs(model: nn.Module, layers: Dict[str, nn.Module], example_inputs) -> Dict[str, torch.Tensor]:

@@ -58,3 +58,37 @@ def synchronized(runs: Dict[str, Callable[[], object]], device) -> Dict[str, Cal
 def fastest(runs: Dict[str, Callable[[], object]], rounds: int = 5, budget_s: float = 0.5) -> Dict[str, float]:
     """Best-of-``rounds`` wall time (seconds) of each callable, timed side by side (a quick choice)."""
     return side_by_side(runs, rounds, warmup=1, stat="min", budget_s=budget_s)
+
+
+class _Repeat(torch.nn.Module):
+    """``layer`` ``calls`` times in one TorchScript call, on the inputs in turn."""
+
+    def __init__(self, layer: torch.nn.Module, calls: int) -> None:
+        super().__init__()
+        self.layer, self.calls = layer, calls
+
+    def forward(self, xs: List[torch.Tensor]) -> torch.Tensor:
+        y = xs[0]
+        for i in range(self.calls):
+            y = self.layer(xs[i % len(xs)])
+        return y
+
+
+def fastest_in_script(layers: Dict[str, torch.nn.Module], x: torch.Tensor, calls: int) -> Dict[str, float] | None:
+    """Best-of wall time (seconds) of one call ``layer(x)`` of each layer, run ``calls`` times in a row inside
+    TorchScript (on ``x`` and a copy, alternately): a small layer's time without Python's call overhead (tens of
+    microseconds, more than the layer itself at batch 1 on a CIFAR net), as a TorchScript-run model pays it.
+    None where a layer does not script."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
+            runs = {name: torch.jit.script(_Repeat(layer, calls)) for name, layer in layers.items()}
+    except Exception:  # a layer TorchScript cannot compile: the caller keeps its Python-timed figures
+        return None
+    xs = [x, x.clone()]
+    # without the JIT's optimizations: unrolled, a loop's dead results would be eliminated (a pure op run 1 in 8)
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        times = fastest({name: (lambda run=run: run(xs)) for name, run in runs.items()})
+    return {name: t / calls for name, t in times.items()}

@@ -478,28 +478,56 @@ Border make_border(const int64_t* panels, int64_t num_panels, int64_t out_h, int
   return bd;
 }
 
-// x's phase images with the zero border bd: (N, P, C, rows, pitch)
+// phase column v of `row` (stride sw) at drow[v], v in [v0, v1); row[v * sw] lies inside the row for these v
+inline void gather_columns(const float* row, float* drow, int64_t v0, int64_t v1, int64_t sw, int64_t row_len) {
+  if (sw == 1) {
+    if (v1 > v0) std::memcpy(drow + v0, row + v0, static_cast<size_t>(v1 - v0) * sizeof(float));
+    return;
+  }
+  int64_t v = v0;
+#if defined(__AVX2__) && defined(__FMA__)
+  if (sw == 2) {  // 16 input floats -> their 8 even ones (two shuffles); only while the 16 lie inside the row
+    for (; v + W <= v1 && 2 * v + 2 * W <= row_len; v += W) {
+      SWP_RANGE(row + 2 * v, 2 * W, row, row_len);
+      const __m256 lo = _mm256_loadu_ps(row + 2 * v), hi = _mm256_loadu_ps(row + 2 * v + W);
+      const __m256 e = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));  // lo0 lo2 hi0 hi2 | lo4 lo6 hi4 hi6
+      _mm256_storeu_ps(drow + v, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+    }
+  }
+#endif
+  (void)row_len;
+  for (; v < v1; ++v) drow[v] = row[v * sw];
+}
+
+// x's phase images with the zero border bd: (N, P, C, rows, pitch); every float written once (the border as
+// zeros, the rest copied: no zero fill of the whole buffer first)
 at::Tensor bordered_phases(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
                            const std::vector<Phase>& phases, const Border& bd, const at::Tensor& like) {
   const int64_t P = static_cast<int64_t>(phases.size());
-  at::Tensor bufT = at::zeros({std::max<int64_t>(1, N * bd.img)}, like.options());
+  at::Tensor bufT = at::empty({std::max<int64_t>(1, N * bd.img)}, like.options());
   float* buf = bufT.data_ptr<float>();
+  const int64_t size = bufT.numel();
+  (void)size;
   at::parallel_for(0, N * P * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = i / (P * C), p = (i / C) % P, c = i % C;
       const Phase& ph = phases[p];
       const float* src = x + (n * C + c) * H * W_in;
       float* d = buf + n * bd.img + (p * C + c) * bd.plane;
-      for (int64_t u = std::max<int64_t>(0, bd.ymin); u < std::min(ph.hph, bd.ymin + bd.rows); ++u) {
-        const float* row = src + (u * sh + ph.a) * W_in + ph.b;
-        float* drow = d + (u - bd.ymin) * bd.pitch - bd.xmin;  // phase column v at drow[v]
-        const int64_t v1 = std::min(ph.wph, bd.pitch + bd.xmin);
-        const int64_t v0 = std::max<int64_t>(0, bd.xmin);
-        if (sw == 1) {
-          if (v1 > v0) std::memcpy(drow + v0, row + v0, static_cast<size_t>(v1 - v0) * sizeof(float));
-        } else {
-          for (int64_t v = v0; v < v1; ++v) drow[v] = row[v * sw];
+      SWP_RANGE(d, bd.plane, buf, size);
+      // phase columns [v0, v1) are copied (column v at drow[v], drow = the row's start - xmin); ymin, xmin <= 0
+      const int64_t v0 = std::max<int64_t>(0, bd.xmin), v1 = std::max(v0, std::min(ph.wph, bd.pitch + bd.xmin));
+      for (int64_t rr = 0; rr < bd.rows; ++rr) {
+        float* line = d + rr * bd.pitch;
+        const int64_t u = rr + bd.ymin;
+        if (u < 0 || u >= ph.hph || v1 == v0) {
+          std::memset(line, 0, static_cast<size_t>(bd.pitch) * sizeof(float));
+          continue;
         }
+        float* drow = line - bd.xmin;
+        std::memset(line, 0, static_cast<size_t>(v0 - bd.xmin) * sizeof(float));
+        std::memset(drow + v1, 0, static_cast<size_t>(bd.pitch + bd.xmin - v1) * sizeof(float));
+        gather_columns(src + (u * sh + ph.a) * W_in + ph.b, drow, v0, v1, sw, W_in - ph.b);
       }
     }
   });
