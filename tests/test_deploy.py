@@ -72,6 +72,21 @@ def test_relu_behind_timm_identities_runs_in_the_epilogue():
     assert not any(isinstance(m, (nn.ReLU, nn.Identity)) for m in deployed.modules())
 
 
+def test_planned_epilogues_time_the_dense_conv_with_what_the_kernel_would_fuse():
+    from swp_plugin.deployment.graph import fold_batchnorms, planned_epilogues, trace
+    from swp_plugin.deployment.pipeline import time_choice
+
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    gm = trace(model)
+    fold_batchnorms(gm)
+    planned = planned_epilogues(gm)  # through drop_block / aa (Identity)
+    assert planned["layer1.0.conv1"] == (False, True) and planned["layer1.0.conv2"] == (True, True)
+    assert "layer2.0.downsample.0" not in planned  # its add went to conv2, the first conv before it
+    conv = gm.get_submodule("layer1.0.conv2")
+    times = time_choice(conv, conv, torch.randn(1, 64, 8, 8), residual=True, relu=True)
+    assert set(times) == {"dense", "kernel"} and all(t > 0 for t in times.values())
+
+
 @needs_cpp
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "efficientnet_b0", "tf_efficientnet_b0",
                                   "densenet121", "regnetx_002"])
@@ -91,7 +106,7 @@ def test_every_layer_forced_onto_the_kernel_and_onto_dense(monkeypatch):
     model = _pruned(resnet56(width=0.5), torch.randn(4, 3, 32, 32))
     x = torch.randn(4, 3, 32, 32)
     for winner in ("kernel", "dense"):
-        monkeypatch.setattr(deployment, "time_choice", lambda dense, kernel, x, w=winner: {
+        monkeypatch.setattr(deployment, "time_choice", lambda *args, w=winner: {
             k: float(k != w) for k in ("dense", "kernel")})
         deployed = _check(model, x)
         assert {c["impl"] for c in deployed.deploy_report.choices} == {winner}

@@ -154,16 +154,44 @@ def _same_shape(a: fx.Node, b: fx.Node) -> bool:
             and tuple(ma.shape) == tuple(mb.shape) and ma.dtype == mb.dtype == torch.float32)
 
 
+def _drop_identities(gm: fx.GraphModule, modules: Dict[str, nn.Module]) -> None:
+    """Remove the calls of ``nn.Identity`` (timm's eval-time ``drop_block`` and ``aa``, between a conv and its
+    ReLU) from the graph, in place."""
+    for node in list(gm.graph.nodes):
+        if (node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1
+                and not node.kwargs and isinstance(node.args[0], fx.Node)):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
+def planned_epilogues(gm: fx.GraphModule) -> Dict[str, Tuple[bool, bool]]:
+    """``name -> (residual, relu)``: what :func:`fuse_epilogues` would move into the epilogue of each conv called
+    once, were it on the kernel (the residual's shape is only checked then). Drops ``nn.Identity`` calls."""
+    modules = dict(gm.named_modules())
+    _drop_identities(gm, modules)
+    calls, planned, claimed = _module_calls(gm), {}, set()
+    for node in gm.graph.nodes:  # in graph order, as fuse_epilogues: an add goes to the first conv it follows
+        if (node.op != "call_module" or not isinstance(modules.get(node.target), LEAVES[:3])
+                or calls[node.target] != 1 or len(node.users) != 1 or len(node.args) != 1):
+            continue
+        user = next(iter(node.users))
+        residual = user not in claimed and _added_operand(user, node) is not None
+        if residual:
+            claimed.add(user)
+            user = next(iter(user.users)) if len(user.users) == 1 else None
+        relu = user is not None and _is_relu(user, modules)
+        if residual or relu:
+            planned[node.target] = (residual, relu)
+    gm.recompile()
+    return planned
+
+
 def fuse_epilogues(gm: fx.GraphModule) -> List[str]:
     """Move ReLUs and residual adds that follow a ``DeployedStripeConv2d`` into its epilogue (in place). Needs
     shape metadata (``torch.fx.passes.shape_prop.ShapeProp``), and drops it. Returns what was fused, one line per
     layer."""
     modules = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):  # nn.Identity (timm's eval-time drop_block, aa) between a conv and its ReLU
-        if (node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and len(node.args) == 1
-                and not node.kwargs and isinstance(node.args[0], fx.Node)):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
+    _drop_identities(gm, modules)
     calls, fused = _module_calls(gm), []
     for node in list(gm.graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None

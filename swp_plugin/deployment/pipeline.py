@@ -49,7 +49,7 @@ from ..layers.structure import describe
 from ..pruning.graph import build_graph, norm_after
 from ..utils import fastest, fastest_in_script, flat_outputs, probe_inputs, run_model, swap_module, synchronized
 from .forward import attach_twin, detach_twin
-from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, trace
+from .graph import FOLDABLE, fold_batchnorms, fold_into, foldable_norm, fuse_epilogues, planned_epilogues, trace
 
 #: the kernel replaces PyTorch's dense convolution only if it is at least this much faster
 MARGIN = 0.97
@@ -237,6 +237,8 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
     """Per candidate layer: measured on its input from ``example_inputs``, or as ``given`` (no forward pass)."""
     layers = _candidates(model, dense_convs)
     inputs = _layer_inputs(model, layers, example_inputs) if given is None else {}
+    # the dense conv is timed with the ReLU / residual add the kernel would run in its epilogue
+    epilogues = planned_epilogues(model) if given is None and report.traced else {}
     kernel_ok = cpu_kernel.available()
     for name, layer in layers.items():
         stripe = layer if isinstance(layer, StripeConv2d) else StripeConv2d.from_dense(layer)
@@ -254,16 +256,34 @@ def _choose_implementations(model: nn.Module, example_inputs, dense_convs: bool,
         if given is not None:
             choice["impl"] = "kernel"
         else:
-            times = time_choice(dense, candidate, x)
+            times = time_choice(dense, candidate, x, *epilogues.get(name, (False, False)))
             choice.update(impl="kernel" if times["kernel"] < MARGIN * times["dense"] else "dense",
                           dense_ms=round(1e3 * times["dense"], 4), kernel_ms=round(1e3 * times["kernel"], 4))
         _swap(model, name, candidate if choice["impl"] == "kernel" else dense)
         report.choices.append(choice)
 
 
-def time_choice(dense: nn.Module, kernel: nn.Module, x: torch.Tensor) -> Dict[str, float]:
-    """Seconds per call of the two implementations of a layer on its input ``x``, side by side; on CPU a layer
-    faster than :data:`SMALL_LAYER_S` is timed again inside TorchScript, as the deployed model's twin runs it."""
+class _DenseWithEpilogue(nn.Module):
+    """A dense conv followed by the residual add and / or ReLU a kernel layer would run in its epilogue."""
+
+    def __init__(self, conv: nn.Module, residual: torch.Tensor | None, relu: bool) -> None:
+        super().__init__()
+        self.conv, self.residual, self.relu = conv, residual, relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.residual is not None:
+            y = y + self.residual
+        return torch.relu(y) if self.relu else y
+
+
+def time_choice(dense: nn.Module, kernel: nn.Module, x: torch.Tensor, residual: bool = False,
+                relu: bool = False) -> Dict[str, float]:
+    """Seconds per call of the two implementations of a layer on its input ``x``, side by side, the dense conv
+    with the ``residual`` add and ``relu`` that the kernel would fuse; on CPU a layer faster than
+    :data:`SMALL_LAYER_S` is timed again inside TorchScript, as the deployed model's twin runs it."""
+    if residual or relu:
+        dense = _DenseWithEpilogue(dense, torch.randn_like(dense(x)) if residual else None, relu)
     times = fastest(synchronized({"dense": partial(dense, x), "kernel": partial(kernel, x)}, x.device))
     if x.device.type == "cpu" and min(times.values()) < SMALL_LAYER_S:
         calls = max(4, min(256, int(2e-3 / max(1e-6, min(times.values())))))
