@@ -74,7 +74,8 @@ def test_relu_behind_timm_identities_runs_in_the_epilogue():
 
 def test_planned_epilogues_time_the_dense_conv_with_what_the_kernel_would_fuse():
     from swp_plugin.deployment.graph import fold_batchnorms, planned_epilogues, trace
-    from swp_plugin.deployment.pipeline import time_choice
+    from swp_plugin.deployment.pipeline import _DenseWithEpilogue, time_choice
+    from swp_plugin.utils import fastest_in_script
 
     model = timm.create_model("resnet18", num_classes=10).eval()
     gm = trace(model)
@@ -83,8 +84,12 @@ def test_planned_epilogues_time_the_dense_conv_with_what_the_kernel_would_fuse()
     assert planned["layer1.0.conv1"] == (False, True) and planned["layer1.0.conv2"] == (True, True)
     assert "layer2.0.downsample.0" not in planned  # its add went to conv2, the first conv before it
     conv = gm.get_submodule("layer1.0.conv2")
-    times = time_choice(conv, conv, torch.randn(1, 64, 8, 8), residual=True, relu=True)
+    x = torch.randn(1, 64, 8, 8)
+    times = time_choice(conv, conv, x, residual=True, relu=True)
     assert set(times) == {"dense", "kernel"} and all(t > 0 for t in times.values())
+    with_epilogue = _DenseWithEpilogue(conv, torch.randn_like(conv(x)), True)  # scripts: timed without Python
+    assert fastest_in_script({"dense": with_epilogue}, x, 4) is not None
+    assert torch.equal(with_epilogue(x), torch.relu(conv(x) + with_epilogue.residual))
 
 
 @needs_cpp
