@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Callable, Dict, List
 
 import torch
@@ -79,8 +80,6 @@ def fastest_in_script(layers: Dict[str, torch.nn.Module], x: torch.Tensor, calls
     TorchScript (on ``x`` and a copy, alternately): a small layer's time without Python's call overhead (tens of
     microseconds, more than the layer itself at batch 1 on a CIFAR net), as a TorchScript-run model pays it.
     None where a layer does not script."""
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit.script's deprecation notice
