@@ -7,9 +7,12 @@ same way), and a listed limitation that no longer fails is an error too."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
+from swp_plugin.pruning import StripePruner
 from swp_plugin.testing.contract import CHECKS, LIMITATIONS, OPEN, expected_failures, plain_failure, run_contract
+from swp_plugin.testing.exactness import unzero_norm_weights
 from swp_plugin.testing.timm_models import MODELS
 
 FAMILIES = {}
@@ -43,6 +46,21 @@ def _assert_contract(name: str, size: int) -> None:
 def test_contract_on_a_small_timm_resnet():
     torch.manual_seed(0)
     _assert_contract("resnet10t", 32)
+
+
+def test_unzero_norm_weights_sets_only_all_zero_batchnorm_weights_masked_or_not():
+    """timm's zero_init_last BatchNorms (bn2 of each resnet10t block) get weight 1, through a pruner's channel mask
+    too; every other BatchNorm keeps its weight."""
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    StripePruner(model, torch.randn(1, 3, 32, 32), ignored_layers=[model.get_classifier()])
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    zero = {n for n, m in bns.items() if not m.weight.any()}
+    before = {n: m.weight.detach().clone() for n, m in bns.items()}
+    assert zero and all(n.endswith("bn2") for n in zero)
+    assert unzero_norm_weights(model) == len(zero)
+    for n, m in bns.items():
+        assert torch.equal(m.weight, torch.ones_like(m.weight) if n in zero else before[n]), n
+    assert unzero_norm_weights(model) == 0
 
 
 def test_limitations_name_families_of_the_sweep_and_known_checks():

@@ -1,6 +1,7 @@
 """Test tooling shipped with the plug-in (used by the tests, the benchmarks and the sanitizer run).
 
-* :mod:`.exactness`: random sparse skeletons, one regularized step, BatchNorm calibration, relative error;
+* :mod:`.exactness`: random sparse skeletons, trained-like BatchNorm weights, one regularized step, BatchNorm
+  calibration, relative error;
 * :mod:`.fuzz`: ``python -m swp_plugin.testing.fuzz``, random ``StripeConv2d`` layers against the masked dense
   convolution, every backend, forward and gradients, in one process;
 * :mod:`.loader_fuzz`: ``python -m swp_plugin.testing.loader_fuzz``, random mutations of saved plain, stripe-pruned
@@ -15,7 +16,8 @@ from .exactness import (
     randomize_skeletons,
     regularized_step,
     rel_err,
+    unzero_norm_weights,
 )
 
 __all__ = ["calibrate_bn", "outputs_around_step", "random_stripe_model", "randomize_skeletons", "regularized_step",
-           "rel_err"]
+           "rel_err", "unzero_norm_weights"]

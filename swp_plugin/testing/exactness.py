@@ -1,7 +1,7 @@
 """Helpers for exactness checks of stripe pruning (used by the tests and benchmarks/timm_coverage.py).
 
-Random sparse skeletons, one step of the documented training loop, BatchNorm statistics that keep a random
-deep net's activations alive, and the relative error ``max|a - b| / max|a|``.
+Random sparse skeletons, trained-like BatchNorm weights for them, one step of the documented training loop,
+BatchNorm statistics that keep a random deep net's activations alive, and the relative error ``max|a - b| / max|a|``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from ..layers.stripe_conv import StripeConv2d
 from ..utils import swap_module
@@ -49,6 +50,27 @@ def randomize_skeletons(pruner, dead_stripes: float = 0.5, dead_filters: float =
             if dead_filters:
                 values[torch.rand(fs.shape[0], generator=gen) < dead_filters] = 0
             fs.copy_(values)
+
+
+@torch.no_grad()
+def unzero_norm_weights(model: nn.Module, value: float = 1.0) -> int:
+    """Set to ``value`` the affine weight of every BatchNorm of ``model`` whose weight is all zero (a zero-initialised
+    residual branch: timm's ``zero_init_last``, RepViT's ``bn_weight_init=0``); the raw weight if a channel mask
+    parametrizes it. Returns how many. Call it before :func:`randomize_skeletons`.
+
+    Filters die in training, when no weight of a net is exactly zero any more. At random init with a random
+    skeleton's dead filters, a residual channel whose producing filter is dead stays exactly zero through a stage
+    while such a branch (alive, weight 0) still adds to it; every train-mode BatchNorm that then sees the channel as
+    a constant multiplies its gradient by ``weight / sqrt(eps)`` (316 for 1, eps 1e-5), and the compounded gradient
+    lands on those zero weights (``benchmarks/dead_channel_gradients.py``)."""
+    count = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            weight = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            if not weight.any():
+                weight.fill_(value)
+                count += 1
+    return count
 
 
 def regularized_step(model: nn.Module, pruner, x: torch.Tensor, num_classes: int = 10, lr: float = 0.01,
