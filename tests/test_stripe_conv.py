@@ -193,6 +193,9 @@ LARGE = [
     (12, 16, (1, 7), 1, (0, 3), 1, False, "zeros", (15, 19), 2),
     (12, 16, 3, 1, 0, 1, True, "zeros", (17, 16), 3),
     (8, 10, 3, 2, 1, 1, True, "reflect", (21, 20), 2),
+    # channel planes of a multiple of 512 floats: the kernel copies the input with a padded channel stride first
+    (16, 24, 3, 1, 1, 1, True, "zeros", (32, 32), 1),
+    (12, 20, 3, 1, 1, 1, False, "zeros", (16, 32), 3),
 ]
 
 
@@ -216,7 +219,7 @@ def test_cpp_kernel_thread_counts_and_bias_free_single_tile(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for args in (CASES[0], CASES[2], LARGE[0][:-1], LARGE[4][:-1]):
+        for args in (CASES[0], CASES[2], LARGE[0][:-1], LARGE[4][:-1], LARGE[-2][:-1]):
             conv, mask = _masked_conv(args)
             layer = StripeConv2d.from_dense(conv, mask, backend="cpp")
             for batch in (1, 2, 7):
