@@ -47,8 +47,8 @@ def test_same_function_as_max_pool2d_to_the_bit(kernel, stride, padding):
 
 @needs_cpp
 def test_native_op_against_max_pool2d_on_random_geometries():
-    """200 random cases (kernel 1-7, stride 1-4, padding up to half the kernel, sizes down to the window, NaN and
-    inf sprinkled): the op equals F.max_pool2d to the bit (run under ASan by `make sanitize`)."""
+    """200 random cases (kernel 1-7, stride 1-4, padding up to half the kernel, sizes down to the window, rows wide
+    enough for the vectorised stride-2 column pass, NaN and inf sprinkled): the op equals F.max_pool2d to the bit (run under ASan by `make sanitize`)."""
     gen = torch.Generator().manual_seed(3)
 
     def draw(high: int) -> int:
@@ -57,7 +57,7 @@ def test_native_op_against_max_pool2d_on_random_geometries():
     for _ in range(200):
         kh, kw, sh, sw = draw(7), draw(7), draw(4), draw(4)
         ph, pw = draw(kh // 2 + 1) - 1, draw(kw // 2 + 1) - 1
-        h, w = max(1, kh - 2 * ph) + draw(12) - 1, max(1, kw - 2 * pw) + draw(12) - 1
+        h, w = max(1, kh - 2 * ph) + draw(12) - 1, max(1, kw - 2 * pw) + draw(40) - 1  # (wide: 8 outputs at once)
         x = torch.randn(draw(2), draw(5), h, w, generator=gen)
         x.view(-1)[torch.randint(0, x.numel(), (3,), generator=gen)] = torch.tensor([float("nan"), float("inf"),
                                                                                      float("-inf")])

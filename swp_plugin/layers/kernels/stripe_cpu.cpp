@@ -787,6 +787,17 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
 // row, the maximum over the window's rows into a row buffer (contiguous, vectorised), then over the window's
 // columns. NaN propagates as in PyTorch's max_pool2d (a NaN is the maximum).
 inline float nan_max(float m, float v) { return (v > m || v != v) ? v : m; }
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 nan_max(__m256 m, __m256 v) {  // lane by lane as above
+  const __m256 take = _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(m, v, take);
+}
+// the even floats of p[0, 16): two shuffles (as gather_columns)
+inline __m256 even_floats(const float* p) {
+  const __m256 e = _mm256_shuffle_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + W), _MM_SHUFFLE(2, 0, 2, 0));
+  return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0)));
+}
+#endif
 
 at::Tensor max_pool_forward(const at::Tensor& x_, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
                             int64_t pw) {
@@ -821,9 +832,19 @@ at::Tensor max_pool_forward(const at::Tensor& x_, int64_t kh, int64_t kw, int64_
         }
         const float* rp = r - pw;  // window ox starts at rp[ox * sw] (reads below padded: the slack)
         SWP_RANGE(rp + (out_w - 1) * sw, kw, buf.data(), padded);
-        for (int64_t ox = 0; ox < out_w; ++ox) o[ox] = rp[ox * sw];
+        int64_t ox0 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        if (sw == 2)  // 8 outputs at a time: tap j of each is the even float of the 16 from rp + 2 * ox + j
+          for (; ox0 + W <= out_w && 2 * ox0 + kw - 1 + 2 * W <= padded; ox0 += W) {
+            SWP_RANGE(rp + 2 * ox0, kw - 1 + 2 * W, buf.data(), padded);
+            __m256 m = even_floats(rp + 2 * ox0);
+            for (int64_t j = 1; j < kw; ++j) m = nan_max(m, even_floats(rp + 2 * ox0 + j));
+            _mm256_storeu_ps(o + ox0, m);
+          }
+#endif
+        for (int64_t ox = ox0; ox < out_w; ++ox) o[ox] = rp[ox * sw];
         for (int64_t j = 1; j < kw; ++j)
-          for (int64_t ox = 0; ox < out_w; ++ox) o[ox] = nan_max(o[ox], rp[ox * sw + j]);
+          for (int64_t ox = ox0; ox < out_w; ++ox) o[ox] = nan_max(o[ox], rp[ox * sw + j]);
       }
     }
   });
