@@ -48,7 +48,8 @@ def test_same_function_as_max_pool2d_to_the_bit(kernel, stride, padding):
 @needs_cpp
 def test_native_op_against_max_pool2d_on_random_geometries():
     """200 random cases (kernel 1-7, stride 1-4, padding up to half the kernel, sizes down to the window, rows wide
-    enough for the vectorised stride-2 column pass, NaN and inf sprinkled): the op equals F.max_pool2d to the bit (run under ASan by `make sanitize`)."""
+    enough for the vectorised stride-2 column pass, NaN and inf sprinkled): the op equals F.max_pool2d to the bit
+    (run under ASan by `make sanitize`)."""
     gen = torch.Generator().manual_seed(3)
 
     def draw(high: int) -> int:
