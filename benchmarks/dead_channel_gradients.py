@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from swp_plugin.pruning import StripePruner
-from swp_plugin.testing.contract import _create, _input
+from swp_plugin.testing.contract import contract_input, create_model
 from swp_plugin.testing.exactness import randomize_skeletons, unzero_norm_weights
 
 SETUPS = ("contract-old", "mask-first", "no-dead-filters", "unzeroed", "unzeroed+beta", "coherent", "coherent+beta")
@@ -48,7 +48,7 @@ def _bn_gain_hooks(model: nn.Module, gains: Dict[str, float]) -> None:
 def largest_gradient(model_name: str, setup: str) -> Tuple[float, str, float]:
     """(max |grad| over the parameters after backward + regularize, its parameter, largest BatchNorm gain)."""
     torch.manual_seed(0)
-    model, x = _create(model_name), _input(64)
+    model, x = create_model(model_name), contract_input(64)
     pruner = StripePruner(model, x[:1], ignored_layers=[model.get_classifier()])
     if setup.startswith(("unzeroed", "coherent")):
         unzero_norm_weights(model)

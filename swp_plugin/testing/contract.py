@@ -101,12 +101,12 @@ def plain_failure(name: str, check: str, size: int = 64) -> str | None:
     """``check`` (``fx``, ``script``, ``tp_state_dict`` or ``setup``: one SGD step as the contract's, then an eval
     forward that must be finite) on timm's fresh, unpruned model ``name``: the error (``Type: first line``), or
     ``None`` when it works."""
-    model = _create(name)
+    model = create_model(name)
     runs: Dict[str, Callable[[], object]] = {
         "fx": lambda: torch.fx.symbolic_trace(model),
         "script": lambda: torch.jit.script(model),
-        "tp_state_dict": lambda: tp.load_state_dict(_create(name), state_dict=tp.state_dict(model)),
-        "setup": lambda: _finite_after_a_step(model, _input(size)),
+        "tp_state_dict": lambda: tp.load_state_dict(create_model(name), state_dict=tp.state_dict(model)),
+        "setup": lambda: _finite_after_a_step(model, contract_input(size)),
     }
     try:
         runs[check]()
@@ -115,7 +115,8 @@ def plain_failure(name: str, check: str, size: int = 64) -> str | None:
     return None
 
 
-def _input(size: int) -> torch.Tensor:
+def contract_input(size: int) -> torch.Tensor:
+    """The contract's fixed input batch, ``(2, 3, size, size)``."""
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
@@ -134,7 +135,7 @@ def _error(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def _create(name: str) -> nn.Module:
+def create_model(name: str) -> nn.Module:
     """timm model ``name`` in eval mode (``@reparam``: reparameterised)."""
     model = timm.create_model(name.removesuffix(REPARAM), pretrained=False, num_classes=10, scriptable=True)
     return reparameterize_model(model.eval()) if name.endswith(REPARAM) else model.eval()
@@ -164,8 +165,8 @@ def run_contract(name: str, size: int = 64, checks=CHECKS, zero_init_norms: bool
     """The contract checks on timm model ``name`` at ``size`` x ``size`` (see the module docstring);
     ``zero_init_norms`` keeps timm's zero-initialised BatchNorm weights under the random skeleton."""
     torch.manual_seed(0)
-    model = _create(name)
-    x = _input(size)
+    model = create_model(name)
+    x = contract_input(size)
     counts: List[str] = [e for e in [_counts_agree(model, x[:1])] if e]
     pruner = StripePruner(model, x[:1], ignored_layers=[model.get_classifier()])
     counts += [e for e in [_counts_agree(model, x[:1])] if e]
@@ -190,8 +191,8 @@ def run_contract(name: str, size: int = 64, checks=CHECKS, zero_init_norms: bool
     if "fx" in checks:
         _check(rec, "fx", lambda: _same(lambda: torch.fx.symbolic_trace(model)(x), y))
     if "tp_state_dict" in checks:
-        _check(rec, "tp_state_dict", lambda: _same(lambda: tp.load_state_dict(_create(name), state_dict=tp.state_dict(
-            model)).eval()(x), y))
+        _check(rec, "tp_state_dict", lambda: _same(
+            lambda: tp.load_state_dict(create_model(name), state_dict=tp.state_dict(model)).eval()(x), y))
     if "reset_classifier" in checks:
         _check(rec, "reset_classifier", lambda: _reset_classifier(copy.deepcopy(model), x))
     if {"deploy_script", "autocast", "counts"} & set(checks):
