@@ -60,7 +60,7 @@ enum Activation : int64_t { kNone = 0, kRelu = 1 };
 constexpr int vmax(int r) { return r >= 5 ? 2 : r >= 3 ? 3 : r == 2 ? 5 : kVMax; }
 
 struct Vec {  // W output pixels of one image, consecutive in the output and (shifted) in the input
-  int64_t n, out_off;       // image, flat offset of lane 0 in the output image
+  int64_t n;                // image (read by the range checks of the sanitizer build)
   int64_t y0, x0;           // output coordinates of lane 0
   int64_t in_off, obase;    // lane 0's input offset at shift (0, 0) from a phase's origin; its output offset
   uint32_t lanes;           // lanes inside the item (bit i)
@@ -215,7 +215,7 @@ void make_vectors(const Item& it, const Layer& L, bool flat, std::vector<Vec>& v
   for (int64_t n = it.n0; n < it.n0 + it.nb; ++n) {
     auto push = [&](int64_t q, int64_t len) {
       Vec v;
-      v.n = n, v.out_off = q, v.y0 = q / ow, v.x0 = q % ow;
+      v.n = n, v.y0 = q / ow, v.x0 = q % ow;
       v.in_off = n * L.img_stride + v.y0 * pitch + v.x0, v.obase = n * L.O * L.out_h * ow + q;
       v.lanes = len >= W ? kAll : (1u << len) - 1u;
       v.one_row = v.x0 + std::min<int64_t>(len, W) <= ow;
@@ -306,14 +306,14 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
       for (const Vec& v : wk.vecs) {
         uint32_t load = kAll;
         const int64_t y = v.y0 + qy, x = v.x0 + qx;
-        if (bd) {  // (a vector lies in one output row here) a row of zeros or only border columns: skip it
+        if (bd || v.one_row) {  // one output row: a row outside the image, or only columns outside it: skip it
           if (y < 0 || y >= ph.hph || x + W <= 0 || x >= ph.wph) continue;
-        } else if (v.one_row) {  // the lanes i with 0 <= x + i < wph, in a row inside the image
-          if (y < 0 || y >= ph.hph || x + W <= 0 || x >= ph.wph) continue;
-          load = v.lanes;
-          if (x < 0) load &= kAll << (-x);
-          if (x + W > ph.wph) load &= (1u << (ph.wph - x)) - 1u;
-          if (!load) continue;
+          if (!bd) {  // (bordered: the border makes every lane readable) the lanes i with 0 <= x + i < wph
+            load = v.lanes;
+            if (x < 0) load &= kAll << (-x);
+            if (x + W > ph.wph) load &= (1u << (ph.wph - x)) - 1u;
+            if (!load) continue;
+          }
         } else {
           load = load_lanes(v, qy, qx, ph.hph, ph.wph);
           if (!load) continue;
