@@ -223,6 +223,35 @@ def _assert_epilogues(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, res:
             assert rel_err(want, layer(x, res if residual else None)) < 1e-5
 
 
+@needs_cpp
+@pytest.mark.parametrize("cin, cout, stride, size, batch", [
+    (64, 96, 1, (14, 14), 1), (700, 40, 1, (7, 9), 2), (1100, 24, 2, (9, 8), 1), (16, 30, 2, (11, 10), 3),
+    (48, 64, (2, 1), (10, 7), 1)])
+def test_kernel_single_writer_1x1_stores_its_epilogue(cin, cout, stride, size, batch):
+    """1x1 convs (every output channel one panel row at shift (0, 0)): the register tiles store bias, residual
+    and ReLU themselves, over blocks of input channels (cin > 384), channel splits at batch 1 and strides."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 1, stride)
+    mask = torch.ones(cout, 1, 1, dtype=torch.bool)
+    x = torch.randn(batch, cin, *size)
+    _assert_epilogues(conv, mask, x, torch.randn(conv(x).shape))
+
+
+@needs_cpp
+@pytest.mark.parametrize("size", [(56, 56), (28, 28), (64, 64), (15, 14), (9, 16), (7, 7)])
+def test_kernel_strided_compact_phases_with_epilogue(size):
+    """Stride 2 where every phase image is as wide as the output (even widths): compact phase images read
+    with the stride-1 taps (64x64: 32x32 planes, their channel stride padded off a multiple of 4 KB); odd
+    widths the bordered ones."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 40, 3, 2, 1)
+    mask = torch.rand(40, 3, 3) < 0.4
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    x = torch.randn(1, 32, *size)
+    _assert_epilogues(conv, mask, x, torch.randn(conv(x).shape))
+
+
 @pytest.mark.parametrize("padding, stride, mode", [(1, 1, "zeros"), ((2, 0), (2, 1), "zeros"), (1, 2, "reflect"),
                                                    ("same", 1, "zeros")])
 def test_to_stripe_gives_back_the_layer(padding, stride, mode):

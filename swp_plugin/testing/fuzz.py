@@ -8,7 +8,8 @@ dilations 1..3, explicit / ``'same'`` / ``'valid'`` / timm dynamic-same padding,
 1x1..64x64 (widths around the kernel's narrow/wide switch at 32 and its tile sizes), batch 1..9,
 contiguous / channels-last / non-contiguous inputs, kept stripes from none to all, 1 or 2 threads. For every
 backend (``dense``, ``stripe``, ``cpp`` where available, ``auto``) it checks the inference output and, in
-training mode, the output and the gradients of the input, the stripe weights and the bias. All cases run in
+training mode, the output and the gradients of the input, the stripe weights and the bias; with ``cpp``, also
+the deployed layer (``DeployedStripeConv2d``) with an epilogue of the case (bias, residual, ReLU). All cases run in
 this one process, so that heap damage done by one case shows in a later one (a process per case hides it).
 Exit status 1 if any case failed (each failure printed with its case).
 """
@@ -28,12 +29,14 @@ import torch
 import torch.nn as nn
 from timm.layers.conv2d_same import Conv2dSame
 
+from ..layers.deployed import DeployedStripeConv2d
 from ..layers.kernels import cpu as cpu_kernel
 from ..layers.stripe_conv import StripeConv2d
 
 #: max|y - y_ref| / max(|y_ref|, 1) allowed in float32 (sums of up to ~5000 products)
 TOLERANCE = 2e-5
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+EPILOGUES = ("none", "relu", "residual", "residual+relu")
 
 
 @dataclass
@@ -54,6 +57,9 @@ class Case:
     layout: str  # contiguous, channels_last, strided
     threads: int
     seed: int
+    #: the deployed layer's epilogue (``cpp``): act(conv + bias [+ residual]); drawn from the seed alone, so
+    #: that the layers drawn stay those of earlier versions
+    epilogue: str = "none"
 
 
 def _channels(rng: random.Random) -> int:
@@ -87,6 +93,7 @@ def draw(rng: random.Random, seed: int) -> Case:
         except (RuntimeError, ValueError):
             continue  # invalid geometry for the dense conv itself
         if y.numel():
+            case.epilogue = random.Random(seed).choice(EPILOGUES)
             return case
 
 
@@ -162,7 +169,28 @@ def run_case(case: Case, backends: List[str]) -> List[str]:
                     failures.append(f"{backend}: {what} err {err:.3g}")
         except Exception as error:  # reported with the case
             failures.append(f"{backend}: {type(error).__name__}: {str(error)[:300]}\n{traceback.format_exc()[-800:]}")
+    if "cpp" in backends:
+        failures += _deployed_failures(case, conv, mask, x, y_ref.detach(), gen)
     return failures
+
+
+def _deployed_failures(case: Case, conv: nn.Module, mask: torch.Tensor, x: torch.Tensor, y_ref: torch.Tensor,
+                       gen: torch.Generator) -> List[str]:
+    """The deployed layer (the kernel's epilogue: bias, residual, ReLU stored by the kernel) against the
+    reference ``y_ref`` (float64) with the same epilogue."""
+    residual = "residual" in case.epilogue
+    act = "relu" if "relu" in case.epilogue else "none"
+    try:
+        layer = DeployedStripeConv2d.from_stripe(StripeConv2d.from_dense(conv, mask), act=act, residual=residual)
+        res = torch.randn(y_ref.shape, generator=gen) if residual else None
+        want = y_ref + res.double() if residual else y_ref
+        want = torch.relu(want) if act == "relu" else want
+        with torch.inference_mode():
+            err = _err(layer(x, res), want)
+        return [] if err <= TOLERANCE else [f"deployed ({case.epilogue}): output err {err:.3g}"]
+    except Exception as error:  # reported with the case
+        return [f"deployed ({case.epilogue}): {type(error).__name__}: {str(error)[:300]}\n"
+                f"{traceback.format_exc()[-800:]}"]
 
 
 def _stripe_order(layer: StripeConv2d, kw: int):

@@ -7,7 +7,9 @@
 // padding is the lane mask) and adds each row straight into its output channel at those pixels. No intermediate
 // buffer, no second pass: bias (+ residual) is written before a tile's panels, the activation after them.
 // Stride s is handled by splitting the input into s*s phase images once per call (polyphase), so every panel
-// reads its phase with a stride-1 shift.
+// reads its phase with a stride-1 shift. Where every output channel is one panel row at shift (0, 0) (1x1 convs),
+// the register tiles store bias, residual and activation themselves (the output is written once, never read);
+// else the output is filled with the bias (+ residual) first and the activation applied after the panels.
 //
 // Work items are (images, output pixel tile, output channel range); channel ranges (split at runtime by stripe
 // counts) give both threads work at batch 1 on small images. A panel's rows are sorted by output channel, so a
@@ -99,14 +101,27 @@ struct Layer {  // everything an item needs, read-only
   int64_t x_size;
   int64_t kc;              // input channels per block (the block's input tile stays in the L2 cache)
   const Border* border;    // x holds zero-bordered phase images (every tap a full vector in bounds), or null
+  bool fused = false;      // every output channel has one writer, which stores bias, residual and activation
 };
 
 struct Item {
   int64_t n0, nb, q0, q1, c0, c1;  // images [n0, n0 + nb), output pixels [q0, q1) of each, channels [c0, c1)
 };
 
+// How a register tile writes its rows: added to the output (kAdd), or - where its panel is the only writer of
+// those output channels - stored with the bias (+ residual) on the first block of input channels (kInit) and the
+// activation on the last (kFinal): no separate bias and activation passes, no read of the output
+enum Store : int { kAdd = 0, kInit = 1, kFinal = 2 };
+
+struct Epi {
+  int mode;                // Store bits
+  const float* bias;       // the tile's R row biases (kInit)
+  const float* residual;   // laid out as the output, or null (kInit)
+  int64_t act;             // (kFinal)
+};
+
 using Kernel = void (*)(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out,
-                       const int64_t* orow);
+                       const int64_t* orow, const Epi& e);
 
 #if defined(__AVX2__) && defined(__FMA__)
 inline __m256i lane_mask(uint32_t bits) {
@@ -116,10 +131,11 @@ inline __m256i lane_mask(uint32_t bits) {
 #endif
 
 // out[orow[r] + taps[v].obase + i] += sum_c w[c * MR + r] * taps[v].in[(c0 + c) * ldx + i] for the taps' lanes,
-// c < C (a block of the input channels);
-// Masked: some tap reads fewer than all lanes
+// c < C (a block of the input channels); with e.mode's kInit, = instead of += and the bias (+ residual) added;
+// with kFinal, the activation applied. Masked: some tap reads fewer than all lanes
 template <int R, int V, bool Masked>
-void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out, const int64_t* orow) {
+void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, float* out, const int64_t* orow,
+           const Epi& e) {
   if constexpr (V <= vmax(R)) {
 #if defined(__AVX2__) && defined(__FMA__)
     // every index into acc is a compile-time constant (unrolled loops): it stays in registers
@@ -153,17 +169,46 @@ void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, 
         for (int v = 0; v < V; ++v) acc[r][v] = _mm256_fmadd_ps(a, bv[v], acc[r][v]);
       }
     }
+    if (e.mode == kAdd) {
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        const uint32_t store = taps[v].store;
+        const __m256i sm = lane_mask(store);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          float* o = out + orow[r] + taps[v].obase;
+          if (store == kAll) {
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][v]));
+          } else {
+            _mm256_maskstore_ps(o, sm, _mm256_add_ps(_mm256_maskload_ps(o, sm), acc[r][v]));
+          }
+        }
+      }
+      return;
+    }
+    const bool init = e.mode & kInit, relu = (e.mode & kFinal) && e.act == kRelu;
+    const __m256 zero = _mm256_setzero_ps();
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       const uint32_t store = taps[v].store;
+      const bool all = store == kAll;
       const __m256i sm = lane_mask(store);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        float* o = out + orow[r] + taps[v].obase;
-        if (store == kAll) {
-          _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), acc[r][v]));
+        const int64_t at = orow[r] + taps[v].obase;
+        float* o = out + at;
+        __m256 t = acc[r][v];
+        if (init) {
+          t = _mm256_add_ps(t, _mm256_set1_ps(e.bias[r]));
+          if (e.residual) t = _mm256_add_ps(t, all ? _mm256_loadu_ps(e.residual + at) : _mm256_maskload_ps(e.residual + at, sm));
         } else {
-          _mm256_maskstore_ps(o, sm, _mm256_add_ps(_mm256_maskload_ps(o, sm), acc[r][v]));
+          t = _mm256_add_ps(t, all ? _mm256_loadu_ps(o) : _mm256_maskload_ps(o, sm));
+        }
+        if (relu) t = _mm256_max_ps(t, zero);
+        if (all) {
+          _mm256_storeu_ps(o, t);
+        } else {
+          _mm256_maskstore_ps(o, sm, t);
         }
       }
     }
@@ -179,11 +224,16 @@ void micro(const float* w, int64_t C, int64_t ldx, int64_t c0, const Tap* taps, 
         for (int i = 0; i < V * W; ++i) acc[r][i] += a * bv[i];
       }
     }
+    const bool init = e.mode & kInit, relu = (e.mode & kFinal) && e.act == kRelu;
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < V; ++v) {
-        float* o = out + orow[r] + taps[v].obase;
-        for (int i = 0; i < W; ++i)
-          if ((taps[v].store >> i) & 1u) o[i] += acc[r][v * W + i];
+        const int64_t at = orow[r] + taps[v].obase;
+        float* o = out + at;
+        for (int i = 0; i < W; ++i) {
+          if (!((taps[v].store >> i) & 1u)) continue;
+          float t = acc[r][v * W + i] + (init ? e.bias[r] + (e.residual ? e.residual[at + i] : 0.f) : o[i]);
+          o[i] = relu && t < 0.f ? 0.f : t;
+        }
       }
 #endif
   }
@@ -266,7 +316,8 @@ struct Work {  // per thread
 void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
   const int64_t Q = L.out_h * L.out_w, C = L.C, O = L.O;
   const int64_t out_size = L.N * O * Q;
-  // bias (+ residual) first: the panels add into the output
+  // bias (+ residual) first: the panels add into the output (fused: the panels store them)
+  if (!L.fused)
   for (int64_t n = it.n0; n < it.n0 + it.nb; ++n)
     for (int64_t o = it.c0; o < it.c1; ++o) {
       const int64_t offset = (n * O + o) * Q;
@@ -347,21 +398,27 @@ void run_item(const Item& it, const Layer& L, bool flat, Work& wk) {
     for (int64_t i = 0; i < nt; ++i) {
       const Tap& t = wk.taps[i];
       const int64_t first = __builtin_ctz(t.store), last = 31 - __builtin_clz(t.store);
-      for (int r = 0; r < R; ++r) SWP_RANGE(L.out + orow[r] + t.obase + first, last - first + 1, L.out, out_size);
+      for (int r = 0; r < R; ++r) {
+        SWP_RANGE(L.out + orow[r] + t.obase + first, last - first + 1, L.out, out_size);
+        if (L.fused && L.residual) SWP_RANGE(L.residual + orow[r] + t.obase + first, last - first + 1, L.residual, out_size);
+      }
     }
 #endif
     (void)out_size;
+    float brow[MR];
+    for (int64_t r = r0; r < r1; ++r) brow[r - r0] = L.bias ? L.bias[outs[r]] : 0.f;
+    const Epi e{L.fused ? (k0 == 0 ? kInit : kAdd) | (k0 + kc >= C ? kFinal : kAdd) : kAdd, brow, L.residual, L.act};
     const int64_t T = nt, V = vmax(R);
     for (int64_t t = 0; t < T; t += V) {
       const int64_t nv = std::min<int64_t>(V, T - t);
       const Tap* tp = wk.taps.data() + t;
       bool full = true;
       for (int64_t v = 0; v < nv; ++v) full = full && tp[v].load == kAll;
-      (full ? kFull.k[R][nv] : kMasked.k[R][nv])(w, kc, ldx, k0, tp, L.out, orow);
+      (full ? kFull.k[R][nv] : kMasked.k[R][nv])(w, kc, ldx, k0, tp, L.out, orow, e);
     }
   }
   }
-  if (L.act == kRelu)
+  if (L.act == kRelu && !L.fused)
     for (int64_t n = it.n0; n < it.n0 + it.nb; ++n)
       for (int64_t o = it.c0; o < it.c1; ++o) {
         float* dst = L.out + (n * O + o) * Q + it.q0;
@@ -426,20 +483,25 @@ void few_chunk(const Few& F, int64_t n, int64_t o, int64_t y, int64_t x0) {
   const int64_t offset = ((n * F.O + o) * F.out_h + y) * F.out_w + x0;
   const float b0 = F.bias ? F.bias[o] : 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
+  // the chunk's first `full` vectors are whole, the rest (at most one) has `tail` lanes
+  const int64_t full = std::min<int64_t>(V, (F.out_w - x0) / W), tail = std::min<int64_t>(V * W, F.out_w - x0) - full * W;
+  float* const dst = F.out + offset;
+  const float* const res = F.residual ? F.residual + offset : nullptr;  // (loads of F's members hoisted: the
+  const bool relu = F.act == kRelu;                                      // stores below may alias them)
+  SWP_RANGE(dst, full * W + tail, F.out, F.out_size);
   const __m256 bv = _mm256_set1_ps(b0), zero = _mm256_setzero_ps();
+  const __m256i m = lane_mask((1u << tail) - 1u);
 #pragma GCC unroll 16
   for (int v = 0; v < V; ++v) {
-    const int64_t len = std::min<int64_t>(W, F.out_w - x0 - v * W);
-    float* dst = F.out + offset + v * W;
-    SWP_RANGE(dst, len, F.out, F.out_size);
-    const __m256i m = lane_mask(len >= W ? kAll : (1u << len) - 1u);
     __m256 t = _mm256_add_ps(acc[v], bv);
-    if (F.residual) t = _mm256_add_ps(t, _mm256_maskload_ps(F.residual + offset + v * W, m));
-    if (F.act == kRelu) t = _mm256_max_ps(t, zero);
-    if (len >= W) {
-      _mm256_storeu_ps(dst, t);
-    } else {
-      _mm256_maskstore_ps(dst, m, t);
+    if (v < full) {
+      if (res) t = _mm256_add_ps(t, _mm256_loadu_ps(res + v * W));
+      if (relu) t = _mm256_max_ps(t, zero);
+      _mm256_storeu_ps(dst + v * W, t);
+    } else if (v == full && tail) {
+      if (res) t = _mm256_add_ps(t, _mm256_maskload_ps(res + v * W, m));
+      if (relu) t = _mm256_max_ps(t, zero);
+      _mm256_maskstore_ps(dst + v * W, m, t);
     }
   }
 #else
@@ -472,6 +534,16 @@ void few_rows(const Few& F, int64_t n, int64_t r0, int64_t r1) {
       }
 }
 
+// The channel stride of a phase image copy: at least `floats`, a multiple of 16 floats (a cache line) with an odd
+// quotient, so that the rows of consecutive channels that a register tile reads start in distinct sets of the L1
+// cache (at a stride near a multiple of 4 KB, e.g. 29 x 34 floats, 64 channels share a few sets and evict each
+// other; found on stride-2 convs at 56x56). The copy is made anyway: the padding costs nothing but memory.
+inline int64_t spread_stride(int64_t floats) {
+  int64_t lines = (floats + 15) / 16;
+  if (lines % 2 == 0) ++lines;
+  return lines * 16;
+}
+
 // the border of the panels that meet their phase image (plan already checked)
 Border make_border(const int64_t* panels, int64_t num_panels, int64_t out_h, int64_t out_w,
                    const std::vector<Phase>& phases, int64_t C) {
@@ -486,7 +558,7 @@ Border make_border(const int64_t* panels, int64_t num_panels, int64_t out_h, int
   }
   bd.rows = out_h + bd.ymax - bd.ymin;
   bd.pitch = (out_w + W - 1) / W * W + bd.xmax - bd.xmin;
-  bd.plane = bd.rows * bd.pitch;
+  bd.plane = spread_stride(bd.rows * bd.pitch);
   bd.img = static_cast<int64_t>(phases.size()) * C * bd.plane;
   return bd;
 }
@@ -512,8 +584,8 @@ inline void gather_columns(const float* row, float* drow, int64_t v0, int64_t v1
   for (; v < v1; ++v) drow[v] = row[v * sw];
 }
 
-// x's phase images with the zero border bd: (N, P, C, rows, pitch); every float written once (the border as
-// zeros, the rest copied: no zero fill of the whole buffer first)
+// x's phase images with the zero border bd: (N, P, C) planes of bd.plane floats, each rows x pitch and zero
+// padding; every float written once (the border as zeros, the rest copied: no zero fill of the whole buffer first)
 at::Tensor bordered_phases(const float* x, int64_t N, int64_t C, int64_t H, int64_t W_in, int64_t sh, int64_t sw,
                            const std::vector<Phase>& phases, const Border& bd, const at::Tensor& like) {
   const int64_t P = static_cast<int64_t>(phases.size());
@@ -542,6 +614,7 @@ at::Tensor bordered_phases(const float* x, int64_t N, int64_t C, int64_t H, int6
         std::memset(drow + v1, 0, static_cast<size_t>(bd.pitch + bd.xmin - v1) * sizeof(float));
         gather_columns(src + (u * sh + ph.a) * W_in + ph.b, drow, v0, v1, sw, W_in - ph.b);
       }
+      std::memset(d + bd.rows * bd.pitch, 0, static_cast<size_t>(bd.plane - bd.rows * bd.pitch) * sizeof(float));
     }
   });
   return bufT;
@@ -642,6 +715,21 @@ void check_plan(const at::Tensor& packed, const at::Tensor& panels, const at::Te
   }
 }
 
+// Does every output channel lie in exactly one panel row, at shift (0, 0) of a phase at least as large as the
+// output? That panel's taps are then every vector of an item, all lanes: it writes each of its outputs once per
+// block of input channels, so it can store the bias, residual and activation itself (1x1 convs; plan checked)
+bool single_writers(const int64_t* panels, int64_t num_panels, const std::vector<Phase>& phases, int64_t O,
+                    int64_t out_h, int64_t out_w) {
+  std::vector<int64_t> writers(static_cast<size_t>(O), 0);
+  const int64_t* pr = panels;
+  for (int64_t p = 0; p < num_panels; ++p, pr += kHead + MR) {
+    const Phase& ph = phases[pr[0]];
+    if (pr[1] != 0 || pr[2] != 0 || ph.hph < out_h || ph.wph < out_w) return false;
+    for (int64_t r = 0; r < pr[3]; ++r) ++writers[pr[kHead + r]];
+  }
+  return std::all_of(writers.begin(), writers.end(), [](int64_t w) { return w == 1; });
+}
+
 // x (N, C, H, W) float32; packed (panels, C, MR); panels (panels, kHead + MR) int64; phases (P, 2) int64
 at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& panels_,
                                const at::Tensor& phases_, const std::optional<at::Tensor>& bias_,
@@ -693,15 +781,30 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
     run_few(x.data_ptr<float>(), N, C, H, Win, sh, sw, phases, L, x);
     return out;
   }
-  // stride 1: the input is the (only) phase image; else its phase images, each with the zero border that makes
-  // every read a full vector (no masks)
+  // stride 1: the input is the (only) phase image. Else its phase images: compact ones where each is as wide as
+  // the output (flat vectors, read like a stride-1 input: masked loads at the edges), else each with the zero
+  // border that makes every read a full vector (no masks; vectors by output row, the last of a row part empty).
+  // The compact form is 10-20% faster on resnet's stride-2 convs at 56x56 and 28x28 (no empty lanes, smaller
+  // copies), equal at 14x14. (At stride 1 a bordered copy costs more than the masked loads it saves: measured on
+  // ResNet56's and resnet18's layers.)
   at::Tensor split;
   const float* xb = x.data_ptr<float>();
   int64_t img_stride = C * H * Win;
-  // (at stride 1 the copy costs more than the masked loads it saves: measured on ResNet56's layers)
-  const bool bordered = sh > 1 || sw > 1;
+  const bool compact = (sh > 1 || sw > 1) && flat;
+  const bool bordered = (sh > 1 || sw > 1) && !compact;
   Border bd;
-  if (bordered) {
+  if (compact) {
+    Border cb;
+    for (const Phase& ph : phases) cb.rows = std::max(cb.rows, ph.hph);
+    cb.pitch = out_w, cb.plane = spread_stride(cb.rows * cb.pitch), cb.img = static_cast<int64_t>(phases.size()) * C * cb.plane;
+    split = bordered_phases(xb, N, C, H, Win, sh, sw, phases, cb, x);
+    for (int64_t p = 0; p < static_cast<int64_t>(phases.size()); ++p) {
+      Phase& ph = phases[p];
+      ph.pitch = cb.pitch, ph.cstride = cb.plane, ph.origin = p * C * cb.plane;
+    }
+    xb = split.data_ptr<float>();
+    img_stride = cb.img;
+  } else if (bordered) {
     bd = make_border(panels.data_ptr<int64_t>(), panels.size(0), out_h, out_w, phases, C);
     split = bordered_phases(xb, N, C, H, Win, sh, sw, phases, bd, x);
     for (int64_t p = 0; p < static_cast<int64_t>(phases.size()); ++p) {
@@ -721,7 +824,8 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
   const Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                 bias.defined() ? bias.data_ptr<float>() : nullptr,
                 residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                out_w, act, split.defined() ? split.numel() : x.numel(), kc, bordered ? &bd : nullptr};
+                out_w, act, split.defined() ? split.numel() : x.numel(), kc, bordered ? &bd : nullptr,
+                single_writers(panels.data_ptr<int64_t>(), panels.size(0), phases, O, out_h, out_w)};
 
   // items: whole images (several when small) or pixel tiles of one image, enough for every thread
   const int64_t Q = out_h * out_w;
