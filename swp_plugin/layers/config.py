@@ -4,6 +4,9 @@
 default that ``StripeConv2d(backend='auto')`` layers use (deterministic runs: ``SWP_STRIPE_BACKEND=dense``).
 :func:`set_backend` changes it for the process or sets the backend of every stripe layer of one model;
 :func:`use_backend` changes it for a block.
+
+:func:`kernel_cache_limit` / :func:`set_kernel_cache_limit`: how many bytes of freed outputs and scratch buffers the
+compiled CPU kernel keeps for reuse (default 256 MB, ``SWP_KERNEL_CACHE_MB`` at import; 0 keeps none).
 """
 
 from __future__ import annotations
@@ -54,3 +57,20 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _default["backend"] = previous
+
+
+def kernel_cache_limit() -> int:
+    """Most bytes of freed kernel outputs and scratch buffers the compiled CPU kernel keeps for reuse."""
+    from .kernels import cpu  # (lazy: importing this module never builds the kernel)
+
+    return cpu.cache_limit()
+
+
+def set_kernel_cache_limit(nbytes: int) -> int:
+    """Keep at most ``nbytes`` of freed kernel blocks (0: none); returns the previous limit. Blocks freed to the C
+    library can go back to the system and fault in again, page by page, at their next use; the cache keeps the
+    blocks a deployed model's calls reuse (one model at batch 8 and 224 pixels needs some tens of MB)."""
+    from .kernels import cpu
+
+    return cpu.set_cache_limit(nbytes)
+
