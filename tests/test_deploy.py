@@ -226,10 +226,11 @@ def _assert_epilogues(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, res:
 @needs_cpp
 @pytest.mark.parametrize("cin, cout, stride, size, batch", [
     (64, 96, 1, (14, 14), 1), (700, 40, 1, (7, 9), 2), (1100, 24, 2, (9, 8), 1), (16, 30, 2, (11, 10), 3),
-    (48, 64, (2, 1), (10, 7), 1)])
+    (48, 64, (2, 1), (10, 7), 1), (256, 200, 1, (5, 5), 3), (300, 64, 2, (14, 14), 2)])
 def test_kernel_single_writer_1x1_stores_its_epilogue(cin, cout, stride, size, batch):
     """1x1 convs (every output channel one panel row at shift (0, 0)): the register tiles store bias, residual
-    and ReLU themselves, over blocks of input channels (cin > 384), channel splits at batch 1 and strides."""
+    and ReLU themselves, over blocks of input channels (cin > 384), channel splits at batch 1 and strides; from
+    256 input channels they read a packed input panel (partial vectors: 5x5, 7x9)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, 1, stride)
     mask = torch.ones(cout, 1, 1, dtype=torch.bool)
