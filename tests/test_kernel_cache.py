@@ -10,7 +10,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
+from swp_plugin import StripeConv2d
+from swp_plugin.deployment import DeployedStripeConv2d
 from swp_plugin.layers import config
 from swp_plugin.layers.kernels import cpu as cpu_kernel
 
@@ -18,25 +21,22 @@ needs_cpp = pytest.mark.skipif(not cpu_kernel.available(), reason=f"no compiled 
 
 
 def _layer_call(in_channels: int = 16, out_channels: int = 24, size: int = 20, stride: int = 1):
-    """A random 3x3 stripe layer's kernel call: ``fn(x) -> y`` and its dense reference ``ref(x)``."""
-    gen = torch.Generator().manual_seed(in_channels * 100 + size)
-    keep = torch.rand(out_channels, 9, generator=gen) < 0.4
-    keep[:, 4] |= ~keep.any(1)
-    pos, out_idx = keep.t().nonzero(as_tuple=True)  # (sorted by position, then channel: make_plan's order)
-    weight = torch.randn(out_idx.numel(), in_channels, generator=gen)
-    bias = torch.randn(out_channels, generator=gen)
-    plan = cpu_kernel.make_plan(out_idx, pos, out_channels, (3, 3), (stride, stride), (1, 1), 1, 1)
-    packed = cpu_kernel.pack(weight, plan)
-    dense = torch.zeros(out_channels, in_channels, 9)
-    dense[out_idx, :, pos] = weight
-    dense = dense.view(out_channels, in_channels, 3, 3)
-    out_hw = ((size - 1) // stride + 1,) * 2
+    """A random 3x3 stripe layer deployed on the kernel (ReLU fused): ``fn(x) -> y`` and its dense reference
+    ``ref(x)``."""
+    torch.manual_seed(in_channels * 100 + size)
+    conv = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+    mask = torch.rand(out_channels, 3, 3) < 0.4
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    layer = DeployedStripeConv2d(StripeConv2d.from_dense(conv, mask), act="relu")
 
     def fn(x):
-        return cpu_kernel.kernel_forward(x, packed, bias, plan, out_channels, out_hw, (stride, stride), act="relu")
+        with torch.no_grad():
+            return layer(x)
 
     def ref(x):
-        return torch.relu(torch.nn.functional.conv2d(x, dense, bias, stride=stride, padding=1))
+        with torch.no_grad():
+            return torch.relu(conv(x))
 
     return fn, ref
 

@@ -23,8 +23,6 @@
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -80,20 +78,17 @@ class BlockCache final : public c10::Allocator {
   }
   c10::DataPtr allocate(size_t n) override {
     const size_t size = std::max<size_t>(kAlign, (n + kAlign - 1) / kAlign * kAlign);
-    void* p = nullptr;
     {
       std::lock_guard<std::mutex> g(mu_);
       auto it = free_.lower_bound(size);
       if (it != free_.end() && it->first - size <= size / 4) {
-        p = it->second.first;
-        const size_t have = it->first;
+        const auto [have, block] = *it;
         free_.erase(it);
         cached_ -= have;
-        return make(p, have);
+        return make(block.first, have);
       }
     }
-    p = c10::alloc_cpu(size);
-    return make(p, size);
+    return make(c10::alloc_cpu(size), size);
   }
   c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
@@ -954,12 +949,12 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
     xb = split.data_ptr<float>();
     img_stride = C * cstride;
   }
-  Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
+  const bool fused = single_writers(panels.data_ptr<int64_t>(), panels.size(0), phases, O, out_h, out_w);
+  const Layer L{xb, img_stride, packed.data_ptr<float>(), panels.data_ptr<int64_t>(), panels.size(0), &phases,
                 bias.defined() ? bias.data_ptr<float>() : nullptr,
                 residual.defined() ? residual.data_ptr<float>() : nullptr, out.data_ptr<float>(), N, C, O, out_h,
-                out_w, act, split.defined() ? split.numel() : x.numel(), kc, bordered ? &bd : nullptr,
-                single_writers(panels.data_ptr<int64_t>(), panels.size(0), phases, O, out_h, out_w)};
-  L.pack = L.fused && C >= kPackMin;
+                out_w, act, split.defined() ? split.numel() : x.numel(), kc, bordered ? &bd : nullptr, fused,
+                fused && C >= kPackMin};
 
   // items: whole images (several when small) or pixel tiles of one image, enough for every thread
   const int64_t Q = out_h * out_w;
