@@ -58,6 +58,25 @@ def test_a_freed_output_block_is_reused_by_the_next_call(limit):
     del y
     assert cpu_kernel.cached_bytes() >= 2 * 24 * 20 * 20 * 4
     assert fn(x).data_ptr() == ptr
+
+
+@needs_cpp
+def test_of_blocks_of_one_size_the_most_recently_freed_is_reused(limit):
+    """Of several free blocks that fit, the one freed last (still in the CPU caches) serves the next call."""
+    fn, ref = _layer_call()
+    x = torch.randn(2, 16, 20, 20)
+    config.set_kernel_cache_limit(0)  # start from an empty cache
+    config.set_kernel_cache_limit(64 << 20)
+    outputs = [fn(x) for _ in range(3)]
+    ptrs = [y.data_ptr() for y in outputs]
+    assert len(set(ptrs)) == 3
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0]):
+        for i in order:
+            outputs[i] = None
+        for i in reversed(order):  # each call takes the block freed last of those left
+            outputs[i] = fn(x)
+            assert outputs[i].data_ptr() == ptrs[i]
+            torch.testing.assert_close(outputs[i], ref(x), rtol=1e-4, atol=1e-4)
     config.set_kernel_cache_limit(0)  # everything kept is given back at once
     assert cpu_kernel.cached_bytes() == 0
     y = fn(x)

@@ -69,7 +69,9 @@ constexpr int vmax(int r) { return r >= 5 ? 2 : r >= 3 ? 3 : r == 2 ? 5 : kVMax;
 // 224) freed to the C library goes back to the system and faults in again, page by page, at its next use (1.5 us
 // per 4 KB page here: a resnet18 stem call at batch 8 spent half its time so). A freed block is kept while the
 // cache holds at most `limit` bytes of free blocks; a request takes the smallest free block of at least its size
-// and at most 1/4 larger. Thread-safe (a tensor is freed on any thread); never destroyed (tensors outlive statics).
+// and at most 1/4 larger, of those the most recently freed (it is still in the CPU's caches: ResNet56 at batch
+// 64, whose 16-channel layers free several 4 MB blocks per call, ran 8-10% faster than when the oldest was
+// taken). Thread-safe (a tensor is freed on any thread); never destroyed (tensors outlive statics).
 class BlockCache final : public c10::Allocator {
  public:
   static BlockCache& get() {
@@ -82,6 +84,7 @@ class BlockCache final : public c10::Allocator {
       std::lock_guard<std::mutex> g(mu_);
       auto it = free_.lower_bound(size);
       if (it != free_.end() && it->first - size <= size / 4) {
+        it = std::prev(free_.upper_bound(it->first));  // of that size, the most recently freed: still in cache
         const auto [have, block] = *it;
         free_.erase(it);
         cached_ -= have;
