@@ -139,3 +139,69 @@ def test_a_loaded_deployed_model_runs_its_twin_too(setup, tmp_path):
     assert loaded.deploy_source["choices"] == deployed.deploy_source["choices"]
     assert loaded.forward_form == deployed.forward_form != "eager"
     assert rel_err(loaded(x), deployed(x)) < 1e-6
+
+
+@needs_cpp
+@torch.no_grad()
+def test_the_kernel_refuses_a_packed_copy_older_than_its_weight(setup):
+    """A call of the twin reads no weight in Python: the kernel compares each layer's weight with the stamp its
+    packed copy was made from and refuses a stale one (it never runs); the model's call then packs again and
+    repeats. A plain scripted copy (``stamped`` off) checks nothing: its file reloads in another process."""
+    from swp_plugin.deployment.forward import STALE
+    from swp_plugin.layers.deployed import DeployedStripeConv2d
+
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    conv = deployed.get_submodule("conv1")
+    assert isinstance(conv, DeployedStripeConv2d) and not conv.stamped
+
+    def op(weight):
+        return torch.ops.swp_stripe.forward(x, conv.packed, conv.panels, conv.phases, conv.bias, None,
+                                            conv.out_channels, 32, 32, 1, 1, conv.tile, conv.act_code, weight,
+                                            conv.packed_from)
+
+    before = deployed(x)
+    for write in (lambda: conv.weight.mul_(0.5),  # in place: a new version
+                  lambda: setattr(conv.weight, "data", conv.weight.data * 0.5)):  # new storage, same version
+        packed = op(conv.weight)
+        write()
+        with pytest.raises(RuntimeError, match=STALE):
+            op(conv.weight)
+        assert rel_err(op(None), packed) == 0  # unchecked: the old copy
+        before = _assert_twin_follows(deployed, x, before)  # refused, packed again, repeated
+        assert rel_err(op(conv.weight), packed) > 1e-3
+    with pytest.raises(RuntimeError, match="stamp must be an int64"):
+        torch.ops.swp_stripe.forward(x, conv.packed, conv.panels, conv.phases, conv.bias, None, conv.out_channels,
+                                     32, 32, 1, 1, conv.tile, conv.act_code, conv.weight, None)
+
+
+@needs_cpp
+@torch.no_grad()
+def test_a_hook_on_a_layer_inside_takes_the_eager_forward(setup):
+    model, x, forced = setup
+    deployed = deploy(model, x, choices=forced)
+    y = deployed(x)
+    name = [n.target for n in deployed.graph.nodes if n.op == "call_module"][5]
+    ran = []
+    handle = deployed.get_submodule(name).register_forward_pre_hook(lambda m, i: ran.append(True))
+    assert rel_err(deployed(x), y) < 1e-6 and ran == [True]
+    handle.remove()
+    deployed(x)
+    assert ran == [True] and deployed.forward_form != "eager"
+
+
+def test_the_cheap_onnx_test_agrees_with_torch_during_an_export(tmp_path):
+    """The twin's pre-call check reads torch's ONNX flags directly (``torch.onnx.is_in_onnx_export()`` imports
+    two modules per call): the same answer inside an export and outside."""
+    from swp_plugin.deployment.forward import _in_onnx_export
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((_in_onnx_export(), torch.onnx.is_in_onnx_export()))
+            return x + 1
+
+    assert not _in_onnx_export() and not torch.onnx.is_in_onnx_export()
+    torch.onnx.export(Probe(), (torch.randn(2),), str(tmp_path / "probe.onnx"), dynamo=False)
+    assert seen and all(ours and theirs for ours, theirs in seen)

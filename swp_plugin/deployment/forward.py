@@ -8,10 +8,13 @@ module owns) that a plain inference call runs instead of the Python code. Nothin
 the module's own parameters and buffers, so in-place changes (``load_state_dict``, ``param.data = ...``,
 ``.to(dtype)``) are seen by both. The module stays the one owner of the state and an ordinary ``nn.Module``
 (``state_dict``, ``repr``, ``swp_plugin.save``, hooks, ``torch.jit.script``, ``torch.compile``, ONNX export).
+A weight written since its layer was packed is caught by the kernel itself (it compares the weight's version and
+storage with the stamp the packed copy was made from, and refuses a stale one): the call packs again and runs
+again, so no call reads every weight first.
 
 The eager forward runs instead (same function) whenever the twin could differ from it or cannot run: keyword
 arguments, an input that is not a CPU float32 tensor, training mode, forward or backward hooks (on the model,
-any submodule or global), ``torch.compile`` / ``torch.jit`` tracing / ONNX export / ``torch.fx`` tracing in
+any module it calls or global), ``torch.compile`` / ``torch.jit`` tracing / ONNX export / ``torch.fx`` tracing in
 progress, and once a submodule, parameter or buffer was replaced (found through torch's registration hooks and a
 check of the module tree; the twin is then dropped). Not detected: a submodule put in training mode while the
 model is in eval mode (call ``model.train()`` on the whole model).
@@ -29,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
-from ..layers.deployed import DeployedStripeConv2d
+from ..layers.deployed import DeployedStripeConv2d, weight_stamp
 
 #: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
 _GENERATION = [0]
@@ -45,34 +48,42 @@ class _Twin:
     generation: int
     fingerprint: Tuple[int, ...]
     hook_dicts: List[dict]
-    kernel: _KernelState  # the kernel layers' packed weights: checked before every call
+    kernel: _KernelState  # the kernel layers' packed weights
+
+
+#: how the kernel refuses a packed copy older than its weight (``kStale`` in ``stripe_cpu.cpp``)
+STALE = "swp_stripe: stale packed weights"
 
 
 class _KernelState:
-    """The kernel layers of a twin, the tensors the twin holds of them, and the weight stamps they were packed
-    from: one list comprehension tells whether any weight changed since (a few microseconds for 50 layers)."""
+    """The kernel layers of a twin and the tensors the twin holds of them. The kernel compares each layer's weight
+    with the stamp it was packed from at every call and refuses a stale copy (:data:`STALE`); after a refusal,
+    :meth:`repack` packs again what changed. Layers whose forward is not that op (a subclass, e.g. Triton's) have
+    their stamps read here before each call instead (:meth:`current`)."""
 
     def __init__(self, layers: List[DeployedStripeConv2d]) -> None:
         self.layers = layers
         self.weights = [m._parameters["weight"] for m in layers]
         self.biases = [m._parameters["bias"] for m in layers]
-        self.packed = [m._buffers.get("packed") for m in layers]  # (None: a Triton layer packs nothing)
+        self.held = [(m._buffers.get("packed"), m._buffers.get("packed_from")) for m in layers]
+        self.unchecked = [m for m in layers if type(m).forward is not DeployedStripeConv2d.forward]
         self.stamps = self._stamps()
 
     def _stamps(self) -> List[Tuple[int, int]]:
-        return [(w._version, w.data_ptr()) for w in self.weights]
+        return [weight_stamp(m._parameters["weight"]) for m in self.unchecked]
 
     def current(self) -> bool:
+        """Whether the layers the kernel does not check are as packed (cheap: usually there are none)."""
+        return not self.unchecked or (self._stamps() == self.stamps or self.repack())
+
+    def repack(self) -> bool:
         """Pack again what changed; False if the twin's packed buffers are no longer the layers' (replaced, e.g.
         by ``.to()``): the twin is then stale."""
-        stamps = self._stamps()
-        if stamps == self.stamps:
-            return True
-        # a conversion that replaces the buffers (``.to()``) gives the weights new storage too: checked here
         for layer in self.layers:
             layer.refresh()  # (writes in place: the twin holds the same buffers)
-        self.stamps = stamps
-        return all(m._buffers.get("packed") is p for m, p in zip(self.layers, self.packed))
+        self.stamps = self._stamps()
+        return all(m._buffers.get("packed") is p and m._buffers.get("packed_from") is s
+                   for m, (p, s) in zip(self.layers, self.held))
 
     def needs_grad(self) -> bool:
         return any(w.requires_grad for w in self.weights) or any(b.requires_grad for b in self.biases)
@@ -87,12 +98,23 @@ class DeployedGraphModule(fx.GraphModule):
     __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "forward_form"]
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or kwargs or self.training:
-            return super().__call__(*args, **kwargs)
-        twin = _TWINS.get(self)
+        twin = None if kwargs or self.training else _TWINS.get(self)
         if twin is None or not _usable(self, twin, args):
             return super().__call__(*args, **kwargs)
-        return twin.script(*args)
+        try:
+            return twin.script(*args)
+        except RuntimeError as err:
+            if STALE not in str(err):
+                raise
+        # a weight was written since the last call: pack again and repeat the call (nothing ran but this call)
+        if twin.kernel.repack():
+            try:
+                return twin.script(*args)
+            except RuntimeError as err:
+                if STALE not in str(err):
+                    raise
+        _TWINS.pop(self, None)
+        return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
@@ -109,10 +131,14 @@ class DeployedGraphModule(fx.GraphModule):
 
 
 def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
+    """Whether the twin computes what the eager forward would for this call (cheapest checks first: at batch 1 on
+    ResNet56 each microsecond here is 0.1% of the call)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or _in_onnx_export():
+        return False
     for a in args:
-        if not isinstance(a, torch.Tensor) or a.device.type != "cpu" or a.dtype != torch.float32:
+        if not isinstance(a, torch.Tensor) or not a.is_cpu or a.dtype is not torch.float32:
             return False
-    if any(twin.hook_dicts) or any(_GLOBAL_HOOKS) or torch.onnx.is_in_onnx_export():
+    if any(twin.hook_dicts) or any(_GLOBAL_HOOKS):
         return False
     if twin.generation != _GENERATION[0]:  # something registered a module or tensor somewhere: is it ours?
         if _fingerprint(gm) != twin.fingerprint:
@@ -123,10 +149,35 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         return False  # autocast: the eager forward (its layers handle the mixed dtypes)
     if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.kernel.needs_grad()):
         return False  # the eager forward refuses it: the kernel has no backward
-    if not twin.kernel.current():  # a weight changed since: packed again (nothing derived goes stale)
+    if not twin.kernel.current():  # a layer the kernel does not check was changed and its buffers replaced
         _TWINS.pop(gm, None)
         return False
     return True
+
+
+#: the test _in_onnx_export runs (resolved at the first call)
+_ONNX_TEST: List[Callable[[], bool]] = []
+
+
+def _onnx_flags() -> Callable[[], bool]:
+    """A cheap test of 'an ONNX export is running': torch's own two flags, read directly.
+    ``torch.onnx.is_in_onnx_export()`` imports both modules on every call (about 8 us, most of this check at batch
+    1 on ResNet56); where they moved (another torch), that function itself."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        if isinstance(GLOBALS.in_onnx_export, bool) and isinstance(_flags._is_onnx_exporting, bool):
+            return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+    except (ImportError, AttributeError):
+        pass
+    return torch.onnx.is_in_onnx_export
+
+
+def _in_onnx_export() -> bool:
+    if not _ONNX_TEST:
+        _ONNX_TEST.append(_onnx_flags())
+    return _ONNX_TEST[0]()
 
 
 def _bump(*_args) -> None:
@@ -170,6 +221,9 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
         return "eager: not a torch.fx trace"
     was_training = gm.training
     gm.eval()
+    layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
+    for layer in layers:
+        layer.stamped = True  # in the twin only (scripting copies the value): its kernel checks the weights
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notices
@@ -183,12 +237,24 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
         return f"eager: torch.jit.script failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     finally:
         gm.train(was_training)
+        for layer in layers:
+            layer.stamped = False
     _install_hooks()
-    hook_dicts = [d for m in gm.modules() for d in (m._forward_hooks, m._forward_pre_hooks, m._backward_hooks,
-                                                    m._backward_pre_hooks)]
-    layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
+    hook_dicts = [d for m in _called_modules(gm) for d in (m._forward_hooks, m._forward_pre_hooks,
+                                                           m._backward_hooks, m._backward_pre_hooks)]
     _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, _KernelState(layers))
     return form
+
+
+def _called_modules(gm: fx.GraphModule) -> List[nn.Module]:
+    """The modules whose hooks the eager forward runs: ``gm``, the modules its graph calls and everything inside
+    them (containers that only hold called modules are never called: their hooks never run)."""
+    seen: dict = {id(gm): gm}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            for m in gm.get_submodule(node.target).modules():
+                seen.setdefault(id(m), m)
+    return list(seen.values())
 
 
 def detach_twin(gm: nn.Module) -> None:
