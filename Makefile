@@ -43,7 +43,7 @@ sanitize: setup
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m swp_plugin.testing.fuzz --cases 1000 --seed 2 || exit 1; \
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m swp_plugin.testing.loader_fuzz --cases 1000 --seed 1 || exit 1; \
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stripe_conv.py \
-	    tests/test_deploy.py tests/test_pooling.py -k "not timm" || exit 1; \
+	    tests/test_deploy.py tests/test_deploy_forward.py tests/test_pooling.py -k "not timm" || exit 1; \
 	done
 	$(SAN_ENV) $(BIN)/python -m swp_plugin.testing.sweep --models \
 	  resnet18,resnet18d,mobilenetv3_small_050,densenet121,dla34,regnetx_002,ghostnet_050,tf_efficientnet_b0,mixnet_s,repvgg_a0
