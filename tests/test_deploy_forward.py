@@ -155,10 +155,9 @@ def test_the_kernel_refuses_a_packed_copy_older_than_its_weight(setup):
     conv = deployed.get_submodule("conv1")
     assert isinstance(conv, DeployedStripeConv2d) and not conv.stamped
 
-    def op(weight):
+    def op(weight, stamp=conv.packed_from):
         return torch.ops.swp_stripe.forward(x, conv.packed, conv.panels, conv.phases, conv.bias, None,
-                                            conv.out_channels, 32, 32, 1, 1, conv.tile, conv.act_code, weight,
-                                            conv.packed_from)
+                                            conv.out_channels, 32, 32, 1, 1, conv.tile, conv.act_code, weight, stamp)
 
     before = deployed(x)
     for write in (lambda: conv.weight.mul_(0.5),  # in place: a new version
@@ -171,8 +170,7 @@ def test_the_kernel_refuses_a_packed_copy_older_than_its_weight(setup):
         before = _assert_twin_follows(deployed, x, before)  # refused, packed again, repeated
         assert rel_err(op(conv.weight), packed) > 1e-3
     with pytest.raises(RuntimeError, match="stamp must be an int64"):
-        torch.ops.swp_stripe.forward(x, conv.packed, conv.panels, conv.phases, conv.bias, None, conv.out_channels,
-                                     32, 32, 1, 1, conv.tile, conv.act_code, conv.weight, None)
+        op(conv.weight, None)
 
 
 @needs_cpp
