@@ -143,38 +143,6 @@ def test_a_loaded_deployed_model_runs_its_twin_too(setup, tmp_path):
 
 @needs_cpp
 @torch.no_grad()
-def test_the_kernel_refuses_a_packed_copy_older_than_its_weight(setup):
-    """A call of the twin reads no weight in Python: the kernel compares each layer's weight with the stamp its
-    packed copy was made from and refuses a stale one (it never runs); the model's call then packs again and
-    repeats. A plain scripted copy (``stamped`` off) checks nothing: its file reloads in another process."""
-    from swp_plugin.deployment.forward import STALE
-    from swp_plugin.layers.deployed import DeployedStripeConv2d
-
-    model, x, forced = setup
-    deployed = deploy(model, x, choices=forced)
-    conv = deployed.get_submodule("conv1")
-    assert isinstance(conv, DeployedStripeConv2d) and not conv.stamped
-
-    def op(weight, stamp=conv.packed_from):
-        return torch.ops.swp_stripe.forward(x, conv.packed, conv.panels, conv.phases, conv.bias, None,
-                                            conv.out_channels, 32, 32, 1, 1, conv.tile, conv.act_code, weight, stamp)
-
-    before = deployed(x)
-    for write in (lambda: conv.weight.mul_(0.5),  # in place: a new version
-                  lambda: setattr(conv.weight, "data", conv.weight.data * 0.5)):  # new storage, same version
-        packed = op(conv.weight)
-        write()
-        with pytest.raises(RuntimeError, match=STALE):
-            op(conv.weight)
-        assert rel_err(op(None), packed) == 0  # unchecked: the old copy
-        before = _assert_twin_follows(deployed, x, before)  # refused, packed again, repeated
-        assert rel_err(op(conv.weight), packed) > 1e-3
-    with pytest.raises(RuntimeError, match="stamp must be an int64"):
-        op(conv.weight, None)
-
-
-@needs_cpp
-@torch.no_grad()
 def test_a_hook_on_a_layer_inside_takes_the_eager_forward(setup):
     model, x, forced = setup
     deployed = deploy(model, x, choices=forced)

@@ -8,9 +8,6 @@ module owns) that a plain inference call runs instead of the Python code. Nothin
 the module's own parameters and buffers, so in-place changes (``load_state_dict``, ``param.data = ...``,
 ``.to(dtype)``) are seen by both. The module stays the one owner of the state and an ordinary ``nn.Module``
 (``state_dict``, ``repr``, ``swp_plugin.save``, hooks, ``torch.jit.script``, ``torch.compile``, ONNX export).
-A weight written since its layer was packed is caught by the kernel itself (it compares the weight's version and
-storage with the stamp the packed copy was made from, and refuses a stale one): the call packs again and runs
-again, so no call reads every weight first.
 
 The eager forward runs instead (same function) whenever the twin could differ from it or cannot run: keyword
 arguments, an input that is not a CPU float32 tensor, training mode, forward or backward hooks (on the model,
@@ -22,6 +19,7 @@ model is in eval mode (call ``model.train()`` on the whole model).
 
 from __future__ import annotations
 
+import operator
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -32,11 +30,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.modules import module as _module
 
-from ..layers.deployed import DeployedStripeConv2d, weight_stamp
+from ..layers.deployed import DeployedStripeConv2d
 
 #: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
 _GENERATION = [0]
 _HOOKS_INSTALLED = [False]
+_VERSION = operator.attrgetter("_version")
 _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hooks, _module._global_backward_hooks,
                  _module._global_backward_pre_hooks)
 
@@ -48,42 +47,36 @@ class _Twin:
     generation: int
     fingerprint: Tuple[int, ...]
     hook_dicts: List[dict]
-    kernel: _KernelState  # the kernel layers' packed weights
-
-
-#: how the kernel refuses a packed copy older than its weight (``kStale`` in ``stripe_cpu.cpp``)
-STALE = "swp_stripe: stale packed weights"
+    kernel: _KernelState  # the kernel layers' packed weights: checked before every call
 
 
 class _KernelState:
-    """The kernel layers of a twin and the tensors the twin holds of them. The kernel compares each layer's weight
-    with the stamp it was packed from at every call and refuses a stale copy (:data:`STALE`); after a refusal,
-    :meth:`repack` packs again what changed. Layers whose forward is not that op (a subclass, e.g. Triton's) have
-    their stamps read here before each call instead (:meth:`current`)."""
+    """The kernel layers of a twin, the tensors the twin holds of them, and the weight stamps they were packed
+    from: two maps over the weights tell whether any changed since (about 10 us for 57 layers right after a call,
+    when they are out of the caches; every layer's weight is read: see :func:`attach_twin` on why the kernel
+    cannot check them itself)."""
 
     def __init__(self, layers: List[DeployedStripeConv2d]) -> None:
         self.layers = layers
         self.weights = [m._parameters["weight"] for m in layers]
         self.biases = [m._parameters["bias"] for m in layers]
-        self.held = [(m._buffers.get("packed"), m._buffers.get("packed_from")) for m in layers]
-        self.unchecked = [m for m in layers if type(m).forward is not DeployedStripeConv2d.forward]
+        self.packed = [m._buffers.get("packed") for m in layers]  # (None: a Triton layer packs nothing)
         self.stamps = self._stamps()
 
-    def _stamps(self) -> List[Tuple[int, int]]:
-        return [weight_stamp(m._parameters["weight"]) for m in self.unchecked]
+    def _stamps(self) -> Tuple[List[int], List[int]]:
+        return list(map(_VERSION, self.weights)), list(map(torch.Tensor.data_ptr, self.weights))
 
     def current(self) -> bool:
-        """Whether the layers the kernel does not check are as packed (cheap: usually there are none)."""
-        return not self.unchecked or (self._stamps() == self.stamps or self.repack())
-
-    def repack(self) -> bool:
         """Pack again what changed; False if the twin's packed buffers are no longer the layers' (replaced, e.g.
         by ``.to()``): the twin is then stale."""
+        stamps = self._stamps()
+        if stamps == self.stamps:
+            return True
+        # a conversion that replaces the buffers (``.to()``) gives the weights new storage too: checked here
         for layer in self.layers:
             layer.refresh()  # (writes in place: the twin holds the same buffers)
-        self.stamps = self._stamps()
-        return all(m._buffers.get("packed") is p and m._buffers.get("packed_from") is s
-                   for m, (p, s) in zip(self.layers, self.held))
+        self.stamps = stamps
+        return all(m._buffers.get("packed") is p for m, p in zip(self.layers, self.packed))
 
     def needs_grad(self) -> bool:
         return any(w.requires_grad for w in self.weights) or any(b.requires_grad for b in self.biases)
@@ -101,20 +94,7 @@ class DeployedGraphModule(fx.GraphModule):
         twin = None if kwargs or self.training else _TWINS.get(self)
         if twin is None or not _usable(self, twin, args):
             return super().__call__(*args, **kwargs)
-        try:
-            return twin.script(*args)
-        except RuntimeError as err:
-            if STALE not in str(err):
-                raise
-        # a weight was written since the last call: pack again and repeat the call (nothing ran but this call)
-        if twin.kernel.repack():
-            try:
-                return twin.script(*args)
-            except RuntimeError as err:
-                if STALE not in str(err):
-                    raise
-        _TWINS.pop(self, None)
-        return super().__call__(*args, **kwargs)
+        return twin.script(*args)
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
@@ -149,7 +129,7 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         return False  # autocast: the eager forward (its layers handle the mixed dtypes)
     if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.kernel.needs_grad()):
         return False  # the eager forward refuses it: the kernel has no backward
-    if not twin.kernel.current():  # a layer the kernel does not check was changed and its buffers replaced
+    if not twin.kernel.current():  # a weight changed since: packed again (nothing derived goes stale)
         _TWINS.pop(gm, None)
         return False
     return True
@@ -216,14 +196,16 @@ def _shares_state(frozen: torch.jit.ScriptModule, gm: nn.Module) -> bool:
 
 def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     """Give ``gm`` (eval mode, CPU) its TorchScript twin; returns the form (``'frozen'``, ``'scripted'``) or why
-    there is none (``'eager: ...'``). Frozen only where freezing derived no tensor (:func:`_shares_state`)."""
+    there is none (``'eager: ...'``). Frozen only where freezing derived no tensor (:func:`_shares_state`).
+
+    The weights' stamps are read in Python before each call (:class:`_KernelState`), not by the kernel: freezing
+    pools tensor constants of equal value into one (when it freezes and again when it first runs the graph), so
+    two layers whose weights are equal (zero-initialised last BatchNorms fold to zero convs) read one constant,
+    and a check in the kernel would compare one layer's stamp with another's weight."""
     if not isinstance(gm, DeployedGraphModule):
         return "eager: not a torch.fx trace"
     was_training = gm.training
     gm.eval()
-    layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
-    for layer in layers:
-        layer.stamped = True  # in the twin only (scripting copies the value): its kernel checks the weights
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript's deprecation notices
@@ -237,11 +219,10 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
         return f"eager: torch.jit.script failed ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     finally:
         gm.train(was_training)
-        for layer in layers:
-            layer.stamped = False
     _install_hooks()
     hook_dicts = [d for m in _called_modules(gm) for d in (m._forward_hooks, m._forward_pre_hooks,
                                                            m._backward_hooks, m._backward_pre_hooks)]
+    layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
     _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, _KernelState(layers))
     return form
 

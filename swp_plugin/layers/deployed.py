@@ -8,10 +8,9 @@ weights and bias, and a ReLU and/or a residual add that followed it run in the k
 the layer scripts (``torch.jit.script``), traces and compiles with no Python between layers.
 
 The layer owns its derived form: files hold the plain folded stripes and indexes only; the packed copy is derived
-again after ``load_state_dict`` and whenever the weight's version or storage changed (:meth:`refresh`, called by
-the eager forward); the kernel itself refuses a packed copy older than the weight (the deployed model's TorchScript
-twin then packs again and repeats the call). An in-place write through ``weight.data`` shows neither a version
-nor new storage: call :meth:`derive` after one. Where
+again after ``load_state_dict`` and whenever the weight's version changed (:meth:`refresh`, called by the eager
+forward and by the deployed model's TorchScript twin). An in-place write through ``weight.data`` shows neither a
+version nor new storage: call :meth:`derive` after one. Where
 the kernel cannot run (not built on this machine, a non-float32 or non-CPU input) it computes the same function
 with PyTorch ops, after one warning; ONNX export uses PyTorch ops too (``onnx_form``: ``'dense'`` or
 ``'stripe'``, see :mod:`swp_plugin.deployment.onnx`).
@@ -52,9 +51,7 @@ class DeployedStripeConv2d(nn.Module):
     kernel position, then output channel, as in ``StripeConv2d``), ``bias`` ``(out,)``; buffers: ``stripe_out``,
     ``stripe_pos`` (checked before anything uses them) and, derived from them and the weights by :meth:`derive`
     (not saved: a plan is never read from a file), the kernel plan ``panels``, ``phases`` and the packed weights
-    ``packed`` ``(panels, C_in, 6)`` with ``packed_from`` ``(2,)`` int64, the weight's version and storage it was
-    packed from (the kernel compares them with the weight's at every call). Inference only: a forward that would
-    need gradients raises.
+    ``packed`` ``(panels, C_in, 6)``. Inference only: a forward that would need gradients raises.
     """
 
     def __init__(self, layer: StripeConv2d, bias: torch.Tensor | None = None, act: str = "none",
@@ -86,10 +83,6 @@ class DeployedStripeConv2d(nn.Module):
         self.register_buffer("stripe_out", layer.stripe_out.clone())
         self.register_buffer("stripe_pos", layer.stripe_pos.clone())
         self.onnx_form = "dense"
-        #: whether the kernel checks ``weight`` against ``packed_from`` at every call: True only in the deployed
-        #: model's TorchScript twin, which has no Python to call :meth:`refresh` (a scripted or exported copy of
-        #: its own keeps data pointers of this process: it would refuse to run after a reload)
-        self.stamped = False
         self._export_constant: torch.Tensor | None = None
         self.derive()
 
@@ -103,15 +96,13 @@ class DeployedStripeConv2d(nn.Module):
         top, left = (self.pad[2], self.pad[0]) if self.kernel_pads else (0, 0)
         plan = cpu_kernel.make_plan(self.stripe_out, self.stripe_pos, self.out_channels, self.kernel_size,
                                     self.stride, self.dilation, top, left)
-        stamp = weight_stamp(self.weight)
         for name, value in (("panels", plan.panels), ("phases", plan.phases),
-                            ("packed", cpu_kernel.pack(self.weight, plan)),
-                            ("packed_from", torch.tensor(stamp, dtype=torch.int64))):
+                            ("packed", cpu_kernel.pack(self.weight, plan))):
             self._set_derived(name, value)
         self.tile = cpu_kernel.tile_pixels(self.in_channels, self.out_channels)
         self.counts = position_counts(self.stripe_pos, self.kernel_size)
         self._export_constant = None
-        self.derived_from = stamp
+        self.derived_from = weight_stamp(self.weight)
 
     def _set_derived(self, name: str, value: torch.Tensor) -> None:
         """A derived, non-persistent buffer: written in place where it fits (whoever holds it, e.g. the deployed
@@ -171,8 +162,8 @@ class DeployedStripeConv2d(nn.Module):
         return x, left, right, top, bottom
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        # (what scripted code runs is kept short: a frozen TorchScript graph interprets every scalar operation,
-        # ~60 ns each, 57 layers on ResNet56; the kernel makes x and residual contiguous itself)
+        # (what scripted code runs is kept short: every op a frozen TorchScript graph runs costs, and at batch 1 on
+        # ResNet56 there are 57 layers; the kernel makes x and residual contiguous itself)
         if not torch.jit.is_scripting():
             if residual is not None and residual.dtype != x.dtype:  # autocast: the other branch ran in bf16/fp16
                 residual = residual.to(x.dtype)
@@ -183,10 +174,8 @@ class DeployedStripeConv2d(nn.Module):
         sh, sw = self.stride
         out_h = (x.size(2) + self.extent[0]) // sh
         out_w = (x.size(3) + self.extent[1]) // sw
-        weight = self.weight if self.stamped else None  # (given: a stale packed copy raises, never runs)
         return torch.ops.swp_stripe.forward(x, self.packed, self.panels, self.phases, self.bias, residual,
-                                            self.out_channels, out_h, out_w, sh, sw, self.tile, self.act_code,
-                                            weight, self.packed_from)
+                                            self.out_channels, out_h, out_w, sh, sw, self.tile, self.act_code)
 
     @torch.jit.unused
     def _refuse_training(self, x: torch.Tensor) -> None:
@@ -286,7 +275,7 @@ class DeployedStripeConv2d(nn.Module):
 def weight_stamp(weight: torch.Tensor) -> Tuple[int, int]:
     """What tells a weight's values changed since they were packed: its version (in-place writes) and its storage
     (new data). Writes through ``weight.data`` in place show neither: call :meth:`DeployedStripeConv2d.derive`."""
-    return (0 if weight.is_inference() else weight._version), weight.data_ptr()
+    return weight._version, weight.data_ptr()
 
 
 def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> int:

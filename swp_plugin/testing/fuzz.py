@@ -199,15 +199,8 @@ def _deployed_failures(case: Case, conv: nn.Module, mask: torch.Tensor, x: torch
         want = y_ref + res.double() if residual else y_ref
         want = torch.relu(want) if act == "relu" else want
         with torch.inference_mode():
-            y = layer(x, res)
-            layer.stamped = True  # the kernel checks the weight's stamp (as in a deployed model's twin)
-            with torch.no_grad():
-                layer.weight.mul_(1.0)  # a new version, same values: packed again before the call
-            stamped = layer(x, res)
-        err = _err(y, want)
-        if err > TOLERANCE:
-            return [f"deployed ({case.epilogue}): output err {err:.3g}"]
-        return [] if torch.equal(stamped, y) else [f"deployed ({case.epilogue}): stamped call differs"]
+            err = _err(layer(x, res), want)
+        return [] if err <= TOLERANCE else [f"deployed ({case.epilogue}): output err {err:.3g}"]
     except Exception as error:  # reported with the case
         return [f"deployed ({case.epilogue}): {type(error).__name__}: {str(error)[:300]}\n"
                 f"{traceback.format_exc()[-800:]}"]

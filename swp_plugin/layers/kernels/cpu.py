@@ -106,8 +106,7 @@ def available() -> bool:
     return bool(_state["loaded"])
 
 
-def _fake_forward(x, packed, panels, phases, bias, residual, out_channels, out_h, out_w, sh, sw, tile, act,
-                  weight=None, stamp=None):
+def _fake_forward(x, packed, panels, phases, bias, residual, out_channels, out_h, out_w, sh, sw, tile, act):
     """Shape of the op's output, for ``torch.compile`` / ``torch.export`` (fake tensors)."""
     return x.new_empty((x.shape[0], out_channels, out_h, out_w))
 

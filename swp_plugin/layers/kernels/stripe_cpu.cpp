@@ -871,34 +871,11 @@ bool single_writers(const int64_t* panels, int64_t num_panels, const std::vector
   return std::all_of(writers.begin(), writers.end(), [](int64_t w) { return w == 1; });
 }
 
-// The marker of the error a stale packed copy raises (swp_plugin.deployment.forward catches it, packs again and
-// runs the call again)
-constexpr const char* kStale = "swp_stripe: stale packed weights";
-
-// With `weight` given: packed was derived from it when it had the version and storage in `stamp` (int64 (2,));
-// a write since (in place: its version; new data: its storage) raises instead of running the stale copy. This is
-// the check of every call of a deployed layer, done here where it costs nothing: the caller need not read every
-// layer's weight before each call (ResNet56 at batch 1: about 20 us per call in Python).
-void check_stamp(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& stamp) {
-  if (!weight.has_value() || !weight->defined()) return;
-  TORCH_CHECK(stamp.has_value() && stamp->defined() && stamp->scalar_type() == at::kLong && stamp->numel() == 2 &&
-                  stamp->device().is_cpu() && stamp->is_contiguous(),
-              "swp_stripe: with weight given, stamp must be an int64 CPU tensor of 2 values (version, data_ptr)");
-  const int64_t* s = stamp->data_ptr<int64_t>();
-  const int64_t version = weight->is_inference() ? 0 : static_cast<int64_t>(weight->_version());
-  TORCH_CHECK(version == s[0] && reinterpret_cast<intptr_t>(weight->data_ptr()) == s[1], kStale,
-              ": the weight was written since it was packed (version ", version, ", stamp ", s[0],
-              "); call the layer's derive(), or run it through the module, which packs again");
-}
-
-// x (N, C, H, W) float32; packed (panels, C, MR); panels (panels, kHead + MR) int64; phases (P, 2) int64;
-// weight, stamp: see check_stamp
+// x (N, C, H, W) float32; packed (panels, C, MR); panels (panels, kHead + MR) int64; phases (P, 2) int64
 at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& panels_,
                                const at::Tensor& phases_, const std::optional<at::Tensor>& bias_,
                                const std::optional<at::Tensor>& residual_, int64_t out_channels, int64_t out_h,
-                               int64_t out_w, int64_t sh, int64_t sw, int64_t tile_pixels, int64_t act,
-                               const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& stamp) {
-  check_stamp(weight, stamp);
+                               int64_t out_w, int64_t sh, int64_t sw, int64_t tile_pixels, int64_t act) {
   TORCH_CHECK(x_.dim() == 4 && x_.scalar_type() == at::kFloat && x_.device().is_cpu(), "x: float32 CPU NCHW");
   TORCH_CHECK(packed_.scalar_type() == at::kFloat && packed_.device().is_cpu(), "packed weights: float32 CPU");
   TORCH_CHECK(panels_.scalar_type() == at::kLong && phases_.scalar_type() == at::kLong, "plan tensors: int64");
@@ -1118,8 +1095,7 @@ at::Tensor max_pool_forward(const at::Tensor& x_, int64_t kh, int64_t kw, int64_
 
 TORCH_LIBRARY(swp_stripe, m) {
   m.def("forward(Tensor x, Tensor packed, Tensor panels, Tensor phases, Tensor? bias, Tensor? residual, "
-        "int out_channels, int out_h, int out_w, int sh, int sw, int tile_pixels, int act, Tensor? weight=None, "
-        "Tensor? stamp=None) -> Tensor");
+        "int out_channels, int out_h, int out_w, int sh, int sw, int tile_pixels, int act) -> Tensor");
   m.def("max_pool2d(Tensor x, int kh, int kw, int sh, int sw, int ph, int pw) -> Tensor");
   // the block cache: set the most bytes of free blocks it keeps (returns the previous limit); bytes it keeps now
   m.def("set_cache_limit(int nbytes) -> int", [](int64_t nbytes) {
