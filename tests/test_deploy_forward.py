@@ -171,3 +171,29 @@ def test_the_cheap_onnx_test_agrees_with_torch_during_an_export(tmp_path):
     assert not _in_onnx_export() and not torch.onnx.is_in_onnx_export()
     torch.onnx.export(Probe(), (torch.randn(2),), str(tmp_path / "probe.onnx"), dynamo=False)
     assert seen and all(ours and theirs for ours, theirs in seen)
+
+
+@needs_cpp
+@torch.no_grad()
+def test_a_write_to_one_of_two_equal_layers_reaches_the_twin():
+    """Freezing pools tensor constants of equal value into one: two layers with equal weights, stripes and biases
+    read one tensor in a frozen graph. After a write to one of them the call makes the twin again, so it follows
+    the write (the eager forward and a fresh deployment agree) and stays the fast form."""
+    from swp_plugin import StripeConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    mask = torch.rand(8, 3, 3) < 0.5
+    model = nn.Sequential(StripeConv2d.from_dense(conv, mask), nn.ReLU(),
+                          StripeConv2d.from_dense(copy.deepcopy(conv), mask.clone())).eval()
+    x = torch.randn(1, 8, 12, 12)
+    deployed = deploy(model, x, choices={"0": "kernel", "2": "kernel"})
+    before = deployed(x)
+    assert deployed.forward_form == "frozen"
+    second = deployed.get_submodule("2")
+    second.weight.mul_(-2.0)  # in place: now unlike the first layer's
+    second.bias.add_(1.0)
+    after = deployed(x)
+    eager, hooked = _eager(deployed, x)
+    assert hooked and deployed.forward_form == "frozen"
+    assert rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3

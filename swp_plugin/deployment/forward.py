@@ -51,32 +51,23 @@ class _Twin:
 
 
 class _KernelState:
-    """The kernel layers of a twin, the tensors the twin holds of them, and the weight stamps they were packed
-    from: two maps over the weights tell whether any changed since (about 10 us for 57 layers right after a call,
-    when they are out of the caches; every layer's weight is read: see :func:`attach_twin` on why the kernel
-    cannot check them itself)."""
+    """The kernel layers of a twin and the stamps of their weights and biases when the twin was made: two maps
+    each tell whether any was written since (about 10 us for 57 layers right after a call, when they are out of
+    the caches)."""
 
     def __init__(self, layers: List[DeployedStripeConv2d]) -> None:
         self.layers = layers
         self.weights = [m._parameters["weight"] for m in layers]
         self.biases = [m._parameters["bias"] for m in layers]
-        self.packed = [m._buffers.get("packed") for m in layers]  # (None: a Triton layer packs nothing)
         self.stamps = self._stamps()
 
-    def _stamps(self) -> Tuple[List[int], List[int]]:
-        return list(map(_VERSION, self.weights)), list(map(torch.Tensor.data_ptr, self.weights))
+    def _stamps(self) -> Tuple[List[int], ...]:
+        tensors = self.weights + self.biases
+        return list(map(_VERSION, tensors)), list(map(torch.Tensor.data_ptr, tensors))
 
     def current(self) -> bool:
-        """Pack again what changed; False if the twin's packed buffers are no longer the layers' (replaced, e.g.
-        by ``.to()``): the twin is then stale."""
-        stamps = self._stamps()
-        if stamps == self.stamps:
-            return True
-        # a conversion that replaces the buffers (``.to()``) gives the weights new storage too: checked here
-        for layer in self.layers:
-            layer.refresh()  # (writes in place: the twin holds the same buffers)
-        self.stamps = stamps
-        return all(m._buffers.get("packed") is p for m, p in zip(self.layers, self.packed))
+        """Whether no weight or bias was written (in place, or given new data) since the twin was made."""
+        return self._stamps() == self.stamps
 
     def needs_grad(self) -> bool:
         return any(w.requires_grad for w in self.weights) or any(b.requires_grad for b in self.biases)
@@ -92,9 +83,12 @@ class DeployedGraphModule(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):
         twin = None if kwargs or self.training else _TWINS.get(self)
-        if twin is None or not _usable(self, twin, args):
-            return super().__call__(*args, **kwargs)
-        return twin.script(*args)
+        if twin is not None and _usable(self, twin, args):
+            if not twin.kernel.current():  # a weight or bias was written since the twin was made
+                twin = _remade(self, twin)
+            if twin is not None:
+                return twin.script(*args)
+        return super().__call__(*args, **kwargs)
 
     def __deepcopy__(self, memo):
         res = super().__deepcopy__(memo)
@@ -129,10 +123,20 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         return False  # autocast: the eager forward (its layers handle the mixed dtypes)
     if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.kernel.needs_grad()):
         return False  # the eager forward refuses it: the kernel has no backward
-    if not twin.kernel.current():  # a weight changed since: packed again (nothing derived goes stale)
-        _TWINS.pop(gm, None)
-        return False
     return True
+
+
+def _remade(gm: nn.Module, twin: _Twin) -> _Twin | None:
+    """The twin made again after a write to a weight or bias, its layers packed again first. A frozen graph's
+    tensor constants are values: freezing pools equal ones into one (when it freezes and again when it first runs
+    the graph), so two layers that held equal tensors (timm's zero-initialised last BatchNorms fold to zero convs)
+    read one of them, and only a graph frozen from the current values is sure to read every layer's own."""
+    _TWINS.pop(gm, None)
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in twin.kernel.layers:
+            layer.refresh()
+        attach_twin(gm, freeze=twin.form == "frozen")
+    return _TWINS.get(gm)
 
 
 #: the test _in_onnx_export runs (resolved at the first call)
