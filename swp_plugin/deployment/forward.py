@@ -5,8 +5,10 @@ layer's ``forward``): on ResNet56 at 32x32, more than half of its time. :class:`
 ``fx.GraphModule`` that :func:`swp_plugin.deploy` returns; :func:`attach_twin` gives it a TorchScript form of
 itself (``torch.jit.script``, then ``torch.jit.freeze`` where freezing keeps every weight as the very tensor the
 module owns) that a plain inference call runs instead of the Python code. Nothing is copied: the twin reads
-the module's own parameters and buffers, so in-place changes (``load_state_dict``, ``param.data = ...``,
-``.to(dtype)``) are seen by both. The module stays the one owner of the state and an ordinary ``nn.Module``
+the module's own parameters and buffers; after a write to a kernel layer's weight or bias (``load_state_dict``,
+``param.data = ...``, ``.to(dtype)`` round trips) the next call packs the layers again and makes the twin again
+(freezing pools equal tensors into one, so sharing alone would not carry the write). The module stays the one
+owner of the state and an ordinary ``nn.Module``
 (``state_dict``, ``repr``, ``swp_plugin.save``, hooks, ``torch.jit.script``, ``torch.compile``, ONNX export).
 
 The eager forward runs instead (same function) whenever the twin could differ from it or cannot run: keyword
