@@ -21,6 +21,7 @@ model is in eval mode (call ``model.train()`` on the whole model).
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 import weakref
@@ -141,10 +142,7 @@ def _remade(gm: nn.Module, twin: _Twin) -> _Twin | None:
     return _TWINS.get(gm)
 
 
-#: the test _in_onnx_export runs (resolved at the first call)
-_ONNX_TEST: List[Callable[[], bool]] = []
-
-
+@functools.cache
 def _onnx_flags() -> Callable[[], bool]:
     """A cheap test of 'an ONNX export is running': torch's own two flags, read directly.
     ``torch.onnx.is_in_onnx_export()`` imports both modules on every call (about 8 us, most of this check at batch
@@ -161,9 +159,7 @@ def _onnx_flags() -> Callable[[], bool]:
 
 
 def _in_onnx_export() -> bool:
-    if not _ONNX_TEST:
-        _ONNX_TEST.append(_onnx_flags())
-    return _ONNX_TEST[0]()
+    return _onnx_flags()()
 
 
 def _bump(*_args) -> None:
