@@ -85,7 +85,9 @@ class DeployedGraphModule(fx.GraphModule):
     __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "forward_form"]
 
     def __call__(self, *args, **kwargs):
-        twin = None if kwargs or self.training else _TWINS.get(self)
+        if torch.compiler.is_compiling() or kwargs or self.training:  # (before _TWINS: dynamo must not guard it)
+            return super().__call__(*args, **kwargs)
+        twin = _TWINS.get(self)
         if twin is not None and _usable(self, twin, args):
             if not twin.kernel.current():  # a weight or bias was written since the twin was made
                 twin = _remade(self, twin)
