@@ -34,12 +34,13 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Memory safety (docs/memory_safety.md): the stripe kernel built with ASan + UBSan + its range checks (SWP_SANITIZE=1),
-# native (AVX-512) and generic builds; the kernel tests, the fuzz, the loader fuzz and a one-process model sweep run
-# under it.
+# native, AVX2 (on an AVX-512 CPU: its AVX2 micro-kernels) and generic builds; the kernel tests, the fuzz, the loader
+# fuzz and a one-process model sweep run under it.
 SAN_ENV = SWP_SANITIZE=1 LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONWARNINGS=ignore
 sanitize: setup
-	for arch in native generic; do \
+	archs="native generic"; grep -qw avx512f /proc/cpuinfo 2>/dev/null && archs="native avx2 generic"; \
+	for arch in $$archs; do \
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m swp_plugin.testing.fuzz --cases 1000 --seed 2 || exit 1; \
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m swp_plugin.testing.loader_fuzz --cases 1000 --seed 1 || exit 1; \
 	  $(SAN_ENV) SWP_KERNEL_ARCH=$$arch $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_stripe_conv.py \

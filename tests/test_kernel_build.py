@@ -11,6 +11,7 @@ folder (its own ``SWP_EXTENSIONS_DIR``).
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -213,3 +214,23 @@ def test_a_failed_build_is_not_retried_until_the_compiler_changes(tmp_path):
 
 def build_folder(tmp_path: Path) -> Path:
     return tmp_path / "extensions" / build.build_dir().name
+
+
+@pytest.mark.parametrize("arch, flags", [("native", ["-march=native"]), ("avx2", ["-march=native", "-mno-avx512f"]),
+                                         ("generic", [])])
+def test_each_kernel_arch_has_its_flags_and_its_own_build_folder(monkeypatch, arch, flags):
+    monkeypatch.setenv("SWP_KERNEL_ARCH", arch)
+    cflags = build.variant()["cflags"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert [f for f in cflags if f.startswith(("-march", "-mno-"))] == flags
+    folders = {}
+    for other in build.ARCHS:
+        monkeypatch.setenv("SWP_KERNEL_ARCH", other)
+        folders[other] = build.build_dir().name
+    assert len(set(folders.values())) == len(build.ARCHS)
+
+
+def test_an_unknown_kernel_arch_is_refused_with_the_values_named(tmp_path):
+    result = _probe(tmp_path, SWP_KERNEL_ARCH="avx1024")
+    assert "available False" in result.stdout
+    assert "SWP_KERNEL_ARCH='avx1024'" in result.stderr and "native, avx2, generic" in result.stderr

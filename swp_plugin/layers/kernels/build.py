@@ -23,7 +23,9 @@ Build variants (environment variables, read when the kernel is first loaded):
 * ``SWP_SANITIZE=1``: ``-fsanitize=address,undefined -fno-omit-frame-pointer -g -O1`` and ``-DSWP_CHECKED``
   (range checks of the kernel's vector loads and stores, which AddressSanitizer does not see). Python must
   run with the ASan runtime preloaded: ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)`` (``make sanitize``).
-* ``SWP_KERNEL_ARCH=generic``: no ``-march=native`` (no AVX-512 micro-kernel: the portable BLAS path).
+* ``SWP_KERNEL_ARCH``: ``native`` (default: ``-march=native``, the AVX-512 micro-kernels where the CPU has
+  AVX-512F, else AVX2 + FMA), ``avx2`` (``-march=native -mno-avx512f``: the AVX2 micro-kernels on an AVX-512
+  CPU, to test that path) or ``generic`` (no ``-march``: the portable loops).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from typing import Dict, List
 import torch
 
 SOURCE = Path(__file__).with_name("stripe_cpu.cpp")
+#: the values of ``SWP_KERNEL_ARCH``
+ARCHS = ("native", "avx2", "generic")
 DEFAULT_TIMEOUT = 300.0
 
 _CHILD = """
@@ -73,8 +77,12 @@ def _cpu_tag() -> str:
 def variant() -> Dict[str, List[str]]:
     """Compiler flags of the build variant chosen by the environment (see the module docstring)."""
     sanitize = os.environ.get("SWP_SANITIZE", "") not in ("", "0")
-    native = os.environ.get("SWP_KERNEL_ARCH", "native") != "generic" and platform.machine() in ("x86_64", "AMD64")
-    cflags: List[str] = ["-fopenmp"] + (["-march=native"] if native else [])
+    arch = os.environ.get("SWP_KERNEL_ARCH", "native")
+    if arch not in ARCHS:
+        raise ValueError(f"SWP_KERNEL_ARCH={arch!r}: expected one of {', '.join(ARCHS)}")
+    cflags: List[str] = ["-fopenmp"]
+    if arch != "generic" and platform.machine() in ("x86_64", "AMD64"):
+        cflags += ["-march=native"] + (["-mno-avx512f"] if arch == "avx2" else [])
     ldflags: List[str] = ["-fopenmp"]
     if sanitize:
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
