@@ -938,6 +938,18 @@ bool single_writers(const int64_t* panels, int64_t num_panels, const std::vector
   return std::all_of(writers.begin(), writers.end(), [](int64_t w) { return w == 1; });
 }
 
+// `parts` pixel tiles of each of N images, as even as whole vectors (flat: tile i holds the vectors [nv * i / parts,
+// nv * (i + 1) / parts) of the image's nv) or whole rows allow: a tile size rounded up to a vector instead left
+// 13 tiles of 784 pixels where 14 were asked, 7 for one thread and 6 for the other (resnet18's 28x28 convs)
+void push_tiles(std::vector<Item>& items, int64_t N, int64_t O, int64_t out_h, int64_t out_w, int64_t parts,
+                bool flat) {
+  const int64_t Q = out_h * out_w, unit = flat ? W : out_w, units = flat ? (Q + W - 1) / W : out_h;
+  parts = std::max<int64_t>(1, std::min(parts, units));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < parts; ++i)
+      items.push_back({n, 1, units * i / parts * unit, std::min(Q, units * (i + 1) / parts * unit), 0, O});
+}
+
 // x (N, C, H, W) float32; packed (panels, C, MR); panels (panels, kHead + MR) int64; phases (P, 2) int64
 at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& panels_,
                                const at::Tensor& phases_, const std::optional<at::Tensor>& bias_,
@@ -1031,21 +1043,10 @@ at::Tensor stripe_conv_forward(const at::Tensor& x_, const at::Tensor& packed_, 
   std::vector<Item> items;
   if (Q > tile_pixels) {
     int64_t tiles = (Q + tile_pixels - 1) / tile_pixels;
-    while ((N * tiles) % threads != 0 && N * tiles < 8 * threads) ++tiles;  // an even split over the threads
-    int64_t step;
-    if (flat) {
-      step = ((Q + tiles - 1) / tiles + W - 1) / W * W;
-    } else {
-      step = std::max<int64_t>(1, (out_h + tiles - 1) / tiles) * out_w;
-    }
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t q = 0; q < Q; q += step) items.push_back({n, 1, q, std::min(Q, q + step), 0, O});
+    while ((N * tiles) % threads != 0) ++tiles;  // whole rounds over the threads
+    push_tiles(items, N, O, out_h, out_w, tiles, flat);
   } else if (N < threads && Q >= threads * kMinSplit) {  // few images: split each into one tile per thread
-    const int64_t parts = (threads + N - 1) / N;
-    const int64_t step = flat ? ((Q + parts - 1) / parts + W - 1) / W * W
-                              : std::max<int64_t>(1, (out_h + parts - 1) / parts) * out_w;
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t q = 0; q < Q; q += step) items.push_back({n, 1, q, std::min(Q, q + step), 0, O});
+    push_tiles(items, N, O, out_h, out_w, (threads + N - 1) / N, flat);
   } else {
     int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, tile_pixels / std::max<int64_t>(1, Q)));
     nb = std::min(nb, (N + threads - 1) / threads);
