@@ -2,10 +2,10 @@
 
 * max pooling of timm resnet18's stem output (64 x 112 x 112, 3x3 stride 2, batch 1 and 8): PyTorch's
   ``F.max_pool2d`` against ``SeparableMaxPool2d`` and ``NativeMaxPool2d`` (``swp_plugin/layers/pooling.py``);
-* the deployed model's pre-call check (``DeployedGraphModule``: hooks, flags, generation; the kernel layers'
-  weight and bias stamps are read in the call after it) on ResNet56 at 20% kept, back to back and right after a
-  call of the twin (as it runs: the call leaves the check's data and code out of the caches), against the twin's
-  whole call;
+* the deployed model's pre-call check (``DeployedGraphModule``: hooks, flags, generation) and its check of the
+  kernel layers' weight and bias stamps (the kernel's ``Stamps``, one call) on ResNet56 at 20% kept, back to back
+  and right after a call of the twin (as it runs: the call leaves the checks' data and code out of the caches),
+  against the twin's whole call and the deployed model's;
 * one call of the kernel's op on a 1-stripe 16-channel layer (1x1 and 32x32 images), on 1 and 2 threads: the
   per-call cost that no MACs explain (from Python, so it includes Python's op call).
 
@@ -84,6 +84,8 @@ def twin_check() -> Dict[str, float]:
     check = lambda: twin_forward._usable(deployed, twin, (x,))  # noqa: E731
     return {"resnet56 b1 pre-call check (us)": per_call_us(check),
             "resnet56 b1 pre-call check after a call (us)": after_call_us(check, lambda: twin.script(x)),
+            "resnet56 b1 stamps check (us)": per_call_us(twin.stamps.current),
+            "resnet56 b1 stamps check after a call (us)": after_call_us(twin.stamps.current, lambda: twin.script(x)),
             "resnet56 b1 twin call (us)": per_call_us(lambda: twin.script(x)),
             "resnet56 b1 deployed call (us)": per_call_us(lambda: deployed(x))}
 

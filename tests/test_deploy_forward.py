@@ -200,3 +200,33 @@ def test_a_write_to_one_of_two_equal_layers_reaches_the_twin():
     eager, hooked = _eager(deployed, x)
     assert hooked and deployed.forward_form == "frozen"
     assert rel_err(after, eager) < 1e-6 and rel_err(after, before) > 1e-3
+
+
+def _stamp_makers():
+    from swp_plugin.deployment import forward
+
+    makers = [pytest.param(forward._PyStamps, id="python")]
+    native = pytest.param(lambda ts: torch.classes.swp_stripe.Stamps(ts), id="kernel", marks=needs_cpp)
+    return makers + [native]
+
+
+@pytest.mark.parametrize("make", _stamp_makers())
+def test_the_stamps_see_every_kind_of_write_to_one_of_two_equal_tensors(make):
+    a, b = torch.zeros(4), torch.zeros(4)
+    writes = {"in place": lambda: b.add_(1), "through a view": lambda: b[1:].mul_(2),
+              "new data": lambda: setattr(b, "data", torch.zeros(4)),
+              "in place, in inference mode": lambda: _in_inference_mode(lambda: b.add_(1))}
+    for name, write in writes.items():
+        stamps = make([a, b])
+        assert stamps.current(), name
+        write()
+        assert not stamps.current(), name
+    stamps = make([a, b])
+    assert not stamps.requires_grad()
+    b.requires_grad_(True)
+    assert stamps.requires_grad() and stamps.current()
+
+
+def _in_inference_mode(fn):
+    with torch.inference_mode():
+        fn()

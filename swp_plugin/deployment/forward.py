@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.nn.modules import module as _module
 
 from ..layers.deployed import DeployedStripeConv2d
+from ..layers.kernels import cpu as cpu_kernel
 
 #: bumped whenever any module anywhere registers a submodule, parameter or buffer (torch's global hooks)
 _GENERATION = [0]
@@ -43,6 +44,33 @@ _GLOBAL_HOOKS = (_module._global_forward_hooks, _module._global_forward_pre_hook
                  _module._global_backward_pre_hooks)
 
 
+class _PyStamps:
+    """The stamps (version, data pointer) of ``tensors`` when made, read from Python: where the kernel is not
+    loaded (its ``Stamps`` class does the same in one call)."""
+
+    def __init__(self, tensors: List[torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.stamps = self._read()
+
+    def _read(self) -> Tuple[List[int], ...]:
+        return list(map(_VERSION, self.tensors)), list(map(torch.Tensor.data_ptr, self.tensors))
+
+    def current(self) -> bool:
+        return self._read() == self.stamps
+
+    def requires_grad(self) -> bool:
+        return any(t.requires_grad for t in self.tensors)
+
+
+def _stamps(layers: List[DeployedStripeConv2d]):
+    """The stamps of the kernel layers' weights and biases, taken now: ``current()`` tells whether none was written
+    (in place, or given new data) since, ``requires_grad()`` whether any requires grad. The kernel's
+    ``swp_stripe.Stamps`` reads them in one call where it is loaded (ResNet56's 114 tensors right after a call of
+    the net, their objects out of the caches: ``benchmarks/overheads.py``), else :class:`_PyStamps`."""
+    tensors = [m._parameters["weight"] for m in layers] + [m._parameters["bias"] for m in layers]
+    return torch.classes.swp_stripe.Stamps(tensors) if cpu_kernel.available() else _PyStamps(tensors)
+
+
 @dataclass
 class _Twin:
     script: Callable
@@ -50,30 +78,8 @@ class _Twin:
     generation: int
     fingerprint: Tuple[int, ...]
     hook_dicts: List[dict]
-    kernel: _KernelState  # the kernel layers' packed weights: checked before every call
-
-
-class _KernelState:
-    """The kernel layers of a twin and the stamps of their weights and biases when the twin was made: two maps
-    each tell whether any was written since (about 10 us for 57 layers right after a call, when they are out of
-    the caches)."""
-
-    def __init__(self, layers: List[DeployedStripeConv2d]) -> None:
-        self.layers = layers
-        self.weights = [m._parameters["weight"] for m in layers]
-        self.biases = [m._parameters["bias"] for m in layers]
-        self.stamps = self._stamps()
-
-    def _stamps(self) -> Tuple[List[int], ...]:
-        tensors = self.weights + self.biases
-        return list(map(_VERSION, tensors)), list(map(torch.Tensor.data_ptr, tensors))
-
-    def current(self) -> bool:
-        """Whether no weight or bias was written (in place, or given new data) since the twin was made."""
-        return self._stamps() == self.stamps
-
-    def needs_grad(self) -> bool:
-        return any(w.requires_grad for w in self.weights) or any(b.requires_grad for b in self.biases)
+    layers: List[DeployedStripeConv2d]  # the kernel layers, whose packed weights
+    stamps: object  # ... were made from these weights and biases (checked before every call: _stamps)
 
 
 _TWINS: weakref.WeakKeyDictionary[nn.Module, _Twin] = weakref.WeakKeyDictionary()
@@ -89,7 +95,7 @@ class DeployedGraphModule(fx.GraphModule):
             return super().__call__(*args, **kwargs)
         twin = _TWINS.get(self)
         if twin is not None and _usable(self, twin, args):
-            if not twin.kernel.current():  # a weight or bias was written since the twin was made
+            if not twin.stamps.current():  # a weight or bias was written since the twin was made
                 twin = _remade(self, twin)
             if twin is not None:
                 return twin.script(*args)
@@ -126,7 +132,7 @@ def _usable(gm: nn.Module, twin: _Twin, args) -> bool:
         twin.generation = _GENERATION[0]
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast: the eager forward (its layers handle the mixed dtypes)
-    if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.kernel.needs_grad()):
+    if torch.is_grad_enabled() and (any(a.requires_grad for a in args) or twin.stamps.requires_grad()):
         return False  # the eager forward refuses it: the kernel has no backward
     return True
 
@@ -138,7 +144,7 @@ def _remade(gm: nn.Module, twin: _Twin) -> _Twin | None:
     read one of them, and only a graph frozen from the current values is sure to read every layer's own."""
     _TWINS.pop(gm, None)
     with torch.inference_mode(False), torch.no_grad():
-        for layer in twin.kernel.layers:
+        for layer in twin.layers:
             layer.refresh()
         attach_twin(gm, freeze=twin.form == "frozen")
     return _TWINS.get(gm)
@@ -202,7 +208,7 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     """Give ``gm`` (eval mode, CPU) its TorchScript twin; returns the form (``'frozen'``, ``'scripted'``) or why
     there is none (``'eager: ...'``). Frozen only where freezing derived no tensor (:func:`_shares_state`).
 
-    The weights' stamps are read in Python before each call (:class:`_KernelState`), not by the kernel: freezing
+    The weights' stamps are checked before each call (:func:`_stamps`), not by the kernel's op: freezing
     pools tensor constants of equal value into one (when it freezes and again when it first runs the graph), so
     two layers whose weights are equal (zero-initialised last BatchNorms fold to zero convs) read one constant,
     and a check in the kernel would compare one layer's stamp with another's weight."""
@@ -227,7 +233,7 @@ def attach_twin(gm: DeployedGraphModule, freeze: bool = True) -> str:
     hook_dicts = [d for m in _called_modules(gm) for d in (m._forward_hooks, m._forward_pre_hooks,
                                                            m._backward_hooks, m._backward_pre_hooks)]
     layers = [m for m in gm.modules() if isinstance(m, DeployedStripeConv2d)]
-    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, _KernelState(layers))
+    _TWINS[gm] = _Twin(script, form, _GENERATION[0], _fingerprint(gm), hook_dicts, layers, _stamps(layers))
     return form
 
 

@@ -1159,6 +1159,36 @@ at::Tensor max_pool_forward(const at::Tensor& x_, int64_t kh, int64_t kw, int64_
   return out;
 }
 
+// ---------------------------------------------------------------- stamps
+// The stamps (version counter, storage address) of a fixed list of tensors, taken when made: current() tells
+// whether none of them was written in place or given new data since. One call for a whole net's kernel layers:
+// reading ResNet56's 114 weights' and biases' stamps from Python took about 70 us right after a call of the net
+// (their objects out of the caches), 13 us back to back. Holds references to the tensors (as the twin does).
+class Stamps final : public torch::CustomClassHolder {
+ public:
+  explicit Stamps(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) {
+    stamps_.reserve(tensors_.size());
+    for (const at::Tensor& t : tensors_) stamps_.push_back(stamp(t));
+  }
+  bool current() const {
+    for (size_t i = 0; i < tensors_.size(); ++i)
+      if (stamp(tensors_[i]) != stamps_[i]) return false;
+    return true;
+  }
+  bool requires_grad() const {
+    return std::any_of(tensors_.begin(), tensors_.end(),
+                       [](const at::Tensor& t) { return t.defined() && t.requires_grad(); });
+  }
+
+ private:
+  static std::pair<int64_t, const void*> stamp(const at::Tensor& t) {
+    if (!t.defined()) return {-1, nullptr};
+    return {static_cast<int64_t>(t._version()), t.has_storage() ? t.const_data_ptr() : nullptr};
+  }
+  std::vector<at::Tensor> tensors_;
+  std::vector<std::pair<int64_t, const void*>> stamps_;
+};
+
 }  // namespace
 
 TORCH_LIBRARY(swp_stripe, m) {
@@ -1171,6 +1201,10 @@ TORCH_LIBRARY(swp_stripe, m) {
     return BlockCache::get().set_limit(nbytes);
   });
   m.def("cached_bytes() -> int", []() { return BlockCache::get().cached(); });
+  m.class_<Stamps>("Stamps")
+      .def(torch::init<std::vector<at::Tensor>>())
+      .def("current", &Stamps::current)
+      .def("requires_grad", &Stamps::requires_grad);
 }
 
 TORCH_LIBRARY_IMPL(swp_stripe, CPU, m) {
