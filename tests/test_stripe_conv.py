@@ -193,7 +193,7 @@ LARGE = [
     (12, 16, (1, 7), 1, (0, 3), 1, False, "zeros", (15, 19), 2),
     (12, 16, 3, 1, 0, 1, True, "zeros", (17, 16), 3),
     (8, 10, 3, 2, 1, 1, True, "reflect", (21, 20), 2),
-    # channel planes of a multiple of 512 floats: the kernel copies the input with a padded channel stride first
+    # channel planes of a multiple of 512 floats: the AVX2 build copies the input with a padded channel stride first
     (16, 24, 3, 1, 1, 1, True, "zeros", (32, 32), 1),
     (12, 20, 3, 1, 1, 1, False, "zeros", (16, 32), 3),
 ]
