@@ -32,6 +32,30 @@ def test_fuzz_every_backend_forward_and_gradients():
         assert "cpp kernel loaded" in summary, summary
 
 
+def test_gradient_sums_are_judged_against_their_terms_and_a_dropped_term_still_fails():
+    """Seed 5 case 161: a bias gradient of 680 terms that nearly cancel (float32 error 2.3e-5 of a sum near 1):
+    the scale of a weight or bias gradient is the sum of its terms' absolute values, and one term left out of the
+    sum is still far outside the tolerance."""
+    import torch
+
+    from swp_plugin.testing import fuzz
+
+    case = fuzz.Case(cin=6, cout=1, kernel=(1, 3), stride=(2, 3), dilation=(2, 2), padding=(1, 3),
+                     padding_mode="circular", size=(9, 46), batch=8, bias=True, keep=-1.0, layout="channels_last",
+                     threads=2, seed=500176, epilogue="residual")
+    assert fuzz.run_case(case, ["stripe", "dense"]) == []
+    torch.manual_seed(0)
+    conv = fuzz.dense_conv(case).double()
+    x = torch.randn(case.batch, case.cin, *case.size, dtype=torch.float64)
+    g = torch.randn(conv(x).shape, dtype=torch.float64)
+    abs_w, abs_b = fuzz._abs_grads(case, conv, x, g)
+    assert torch.allclose(abs_b, g.abs().sum((0, 2, 3)))
+    assert abs_w.shape == conv.weight.shape and bool((abs_w >= 0).all())
+    want = g.sum((0, 2, 3))
+    dropped = want - g[:, 0].abs().mean()  # a term of average size left out of the sum
+    assert fuzz._err(dropped, want, abs_b) > 10 * fuzz.TOLERANCE
+
+
 TRIGGER = """
 import torch, torch.nn as nn
 from swp_plugin import StripeConv2d
